@@ -1,0 +1,277 @@
+"""Batch normalization from scratch: drop-in twins of ``torch.nn.BatchNorm1d/2d/3d``.
+
+Training normalizes each channel with the statistics of the current batch::
+
+    mu = mean(x),  var = mean((x - mu)^2)            # biased, over N and spatial dims
+    x_hat = (x - mu) / sqrt(var + eps)
+    y = gamma * x_hat + beta
+
+and keeps running estimates for evaluation, updated without autograd history::
+
+    running_mean = (1 - momentum) * running_mean + momentum * mu
+    running_var  = (1 - momentum) * running_var  + momentum * var * M / (M - 1)   # unbiased
+
+with ``momentum=None`` meaning the cumulative average ``1 / num_batches_tracked``.
+The backward is written out in :class:`_NormalizeAffine` (Ioffe & Szegedy 2015, section 3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm"]
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    """Reshape a per-channel vector ``(C,)`` so it broadcasts over ``(N, C, *spatial)``."""
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _values_per_channel(x: Tensor) -> int:
+    """How many values each channel's statistics are taken over: N times the spatial size."""
+    return math.prod(x.shape[:1] + x.shape[2:])
+
+
+def _reduce_dims(ndim: int) -> list[int]:
+    """Every dimension but the channel one: the statistics are per channel."""
+    return [0, *range(2, ndim)]
+
+
+class _NormalizeAffine(torch.autograd.Function):
+    """``y = gamma * (x - mean) * invstd + beta`` with a hand-written backward.
+
+    ``from_batch`` says whether ``mean`` and ``invstd`` were computed from ``x`` itself
+    (training, or no running stats): then the backward carries the terms through the
+    batch statistics. Otherwise they are constants (eval with running stats).
+    Only ``x``, ``mean``, ``invstd`` and ``weight`` are saved: ``x_hat`` is recomputed
+    inside the backward's fused expressions rather than stored as another full tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mean, invstd, weight, bias, from_batch):
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        ctx.save_for_backward(x, mean, invstd, weight)
+        ctx.from_batch = from_batch
+        return torch.addcmul(_channel_view(shift, x.dim()), x, _channel_view(scale, x.dim()))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean, invstd, weight = ctx.saved_tensors
+        ndim, dims = x.dim(), _reduce_dims(x.dim())
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        grad_x = grad_w = grad_b = None
+
+        # sum(dy) and sum(dy * (x - mean)) per channel: the only reductions the backward needs.
+        sum_dy = grad_out.sum(dims) if (need_b or (need_x and ctx.from_batch)) else None
+        sum_dy_xmu = None
+        if need_w or (need_x and ctx.from_batch):
+            sum_dy_xmu = (grad_out * (x - _channel_view(mean, ndim))).sum(dims)
+
+        if need_w:
+            grad_w = sum_dy_xmu * invstd
+        if need_b:
+            grad_b = sum_dy
+        if need_x:
+            gain = invstd if weight is None else invstd * weight
+            if ctx.from_batch:
+                # dx = gain * (dy - mean(dy) - x_hat * mean(dy * x_hat)), written as
+                # dx = gain * dy + coef * x + offset with per-channel coef and offset.
+                count = _values_per_channel(x)
+                coef = -gain * invstd * invstd * sum_dy_xmu / count
+                offset = -gain * sum_dy / count - coef * mean
+                grad_x = torch.addcmul(_channel_view(offset, ndim), x, _channel_view(coef, ndim))
+                grad_x.addcmul_(grad_out, _channel_view(gain, ndim))
+            else:
+                grad_x = grad_out * _channel_view(gain, ndim)
+        return grad_x, None, None, grad_w, grad_b, None
+
+
+def _check_channels(x: Tensor, name: str, t: Tensor | None) -> None:
+    if t is not None and t.numel() != x.shape[1]:
+        raise RuntimeError(f"{name} should contain {x.shape[1]} elements not {t.numel()}")
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Functional twin of :func:`torch.nn.functional.batch_norm`.
+
+    With ``training`` the batch statistics normalize ``input`` and, when running buffers
+    are given, update them in place under ``no_grad`` (the unbiased variance goes into
+    ``running_var``). Without it the running buffers normalize.
+    """
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm expects input of at least 2 dimensions (N, C, ...), got {input.dim()}D")
+    count = _values_per_channel(input)
+    if training and count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_channels(input, "running_mean", running_mean)
+    _check_channels(input, "running_var", running_var)
+    _check_channels(input, "weight", weight)
+    _check_channels(input, "bias", bias)
+
+    from_batch = training or running_mean is None or running_var is None
+    with torch.no_grad():
+        if from_batch:
+            if count == 0:
+                # An empty batch has no statistics: normalize with placeholders that keep
+                # the (empty) output and the zero parameter gradients free of NaN, as torch does.
+                mean = input.new_zeros(input.shape[1])
+                var = input.new_ones(input.shape[1])
+            else:
+                var, mean = torch.var_mean(input, dim=_reduce_dims(input.dim()), correction=0)
+                if training and running_mean is not None and running_var is not None:
+                    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                    unbiased = var * (count / (count - 1))
+                    running_var.lerp_(unbiased.to(running_var.dtype), momentum)
+        else:
+            mean, var = running_mean.to(input.dtype), running_var.to(input.dtype)
+        invstd = torch.rsqrt(var + eps)
+    return _NormalizeAffine.apply(input, mean, invstd, weight, bias, from_batch)
+
+
+class _BatchNorm(nn.Module):
+    """What BatchNorm1d/2d/3d share; subclasses only say which input ranks they take.
+
+    Mirrors ``torch.nn.modules.batchnorm._BatchNorm`` attribute for attribute (and its
+    state_dict version 2), so checkpoints move freely between the two implementations.
+    It deliberately does not subclass torch's private class: code that converts torch's
+    layers by type (``SyncBatchNorm.convert_sync_batchnorm``) must not mistake it for one.
+    """
+
+    _version = 2
+    __constants__ = ["track_running_stats", "momentum", "eps", "num_features", "affine"]
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """gamma = 1 and beta = 0: the layer starts as a pure standardization."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Checkpoints from before version 2 have no num_batches_tracked: start it at 0.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training, and in eval when there are no running buffers.
+        use_batch_stats = self.training or self.running_mean is None
+        # Buffers go in when they normalize (eval) or are to be updated (tracked training).
+        pass_buffers = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization over a 4D ``(N, C, H, W)`` input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch normalization over a 5D ``(N, C, D, H, W)`` input."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")

@@ -1,0 +1,254 @@
+"""The from-scratch BatchNorm against torch's own layers, number for number."""
+
+import inspect
+import itertools
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from bn_lightning import norm
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-9)}
+PAIRS = [(norm.BatchNorm1d, nn.BatchNorm1d), (norm.BatchNorm2d, nn.BatchNorm2d), (norm.BatchNorm3d, nn.BatchNorm3d)]
+SHAPES = {  # every accepted rank of each class, with spatial sizes that make the sums non-trivial
+    norm.BatchNorm1d: [(8, 5), (6, 5, 7)],
+    norm.BatchNorm2d: [(6, 5, 4, 3)],
+    norm.BatchNorm3d: [(4, 5, 3, 2, 3)],
+}
+OPTIONS = [
+    dict(zip(("affine", "bias", "track_running_stats", "momentum"), combo))
+    for combo in itertools.product([True, False], [True, False], [True, False], [0.1, None, 0.7])
+    if combo[0] or combo[1]  # bias=False is only meaningful with affine=True
+]
+
+
+def twins(ours_cls, theirs_cls, dtype, **kwargs):
+    torch.manual_seed(0)
+    ours, theirs = ours_cls(5, dtype=dtype, **kwargs), theirs_cls(5, dtype=dtype, **kwargs)
+    if ours.affine:  # start from non-trivial gamma/beta so their gradients matter
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            if theirs.bias is not None:
+                theirs.bias.uniform_(-0.5, 0.5)
+        ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def step_and_compare(ours, theirs, x, dtype):
+    """One forward+backward of both on the same input and upstream gradient; compare all."""
+    grad_out = torch.randn_like(x)
+    xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yo, yt = ours(xo), theirs(xt)
+    (yo * grad_out).sum().backward()
+    (yt * grad_out).sum().backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(yo, yt, **tol)
+    torch.testing.assert_close(xo.grad, xt.grad, **tol)
+    for name in ("weight", "bias"):
+        po, pt = getattr(ours, name), getattr(theirs, name)
+        assert (po is None) == (pt is None)
+        if po is not None:
+            torch.testing.assert_close(po.grad, pt.grad, **tol)
+            po.grad, pt.grad = None, None
+    so, st = ours.state_dict(), theirs.state_dict()
+    assert list(so) == list(st)
+    for key in so:
+        assert so[key].dtype == st[key].dtype, key
+        torch.testing.assert_close(so[key], st[key], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p[0].__name__)
+def test_training_then_eval_matches_torch(pair, opts, dtype):
+    ours, theirs = twins(*pair, dtype, **opts)
+    for shape in SHAPES[pair[0]]:
+        for step in range(4):  # several steps, so the running statistics compound
+            x = torch.randn(shape, dtype=dtype) * (1 + step) + step
+            step_and_compare(ours, theirs, x, dtype)
+        ours.eval(), theirs.eval()
+        step_and_compare(ours, theirs, torch.randn(shape, dtype=dtype) * 2 - 1, dtype)
+        ours.train(), theirs.train()
+
+
+def test_constructor_is_torchs():
+    for ours, theirs in PAIRS:
+        assert inspect.signature(ours.__init__, eval_str=True) == inspect.signature(theirs.__init__)
+        assert repr(ours(7, momentum=None, bias=False)) == repr(theirs(7, momentum=None, bias=False))
+
+
+def test_initial_state_is_a_pure_standardization():
+    layer = norm.BatchNorm2d(4)
+    assert torch.equal(layer.weight, torch.ones(4)) and torch.equal(layer.bias, torch.zeros(4))
+    assert torch.equal(layer.running_mean, torch.zeros(4)) and torch.equal(layer.running_var, torch.ones(4))
+    assert layer.num_batches_tracked.dtype == torch.long and layer.num_batches_tracked.item() == 0
+
+
+def test_running_var_is_unbiased_and_momentum_weights_the_new_batch():
+    layer = norm.BatchNorm1d(3, momentum=0.25)
+    x = torch.randn(10, 3) * 3 + 2
+    layer(x)
+    torch.testing.assert_close(layer.running_mean, 0.75 * torch.zeros(3) + 0.25 * x.mean(0))
+    torch.testing.assert_close(layer.running_var, 0.75 * torch.ones(3) + 0.25 * x.var(0, correction=1))
+
+
+def test_momentum_none_is_the_cumulative_average():
+    layer = norm.BatchNorm1d(3, momentum=None)
+    batches = [torch.randn(8, 3) * (i + 1) + i for i in range(5)]
+    for x in batches:
+        layer(x)
+    torch.testing.assert_close(layer.running_mean, torch.stack([x.mean(0) for x in batches]).mean(0))
+    torch.testing.assert_close(layer.running_var, torch.stack([x.var(0) for x in batches]).mean(0))
+    assert layer.num_batches_tracked.item() == 5
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_float64(training, affine):
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 2, dtype=torch.float64, requires_grad=True)
+    weight, bias = (torch.randn(3, dtype=torch.float64, requires_grad=True) if affine else None for _ in range(2))
+    running_mean, running_var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    inputs = tuple(t for t in (x, weight, bias) if t is not None)
+
+    def f(*args):
+        w, b = (args[1], args[2]) if affine else (None, None)
+        # Clones: training updates the buffers in place, which must not change gradcheck's reference.
+        return norm.batch_norm(args[0], running_mean.clone(), running_var.clone(), w, b, training, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_running_stats_carry_no_autograd_history():
+    layer = norm.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    for _ in range(3):
+        layer(x * 2).sum().backward()
+    for buf in (layer.running_mean, layer.running_var, layer.num_batches_tracked):
+        assert buf.grad_fn is None and not buf.requires_grad
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class TutorialBatchNorm(nn.Module):
+    """The tutorial's bug, for contrast: running stats computed from tensors with history."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.gamma, self.beta = nn.Parameter(torch.ones(num_features)), nn.Parameter(torch.zeros(num_features))
+        self.moving_mean, self.moving_var = torch.zeros(num_features), torch.ones(num_features)
+
+    def forward(self, x):
+        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), correction=0)
+        self.moving_mean = 0.9 * self.moving_mean + 0.1 * mean
+        self.moving_var = 0.9 * self.moving_var + 0.1 * var
+        return self.gamma.view(1, -1, 1, 1) * (x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + 1e-5).sqrt()
+
+
+def _rss_growth_over_training(layer, steps=150):
+    conv = nn.Conv2d(1, 6, 5)
+    params = list(conv.parameters()) + list(layer.parameters())
+    opt = torch.optim.SGD(params, lr=0.01)
+    x = torch.randn(64, 1, 28, 28)
+    growth = []
+    for step in range(steps):
+        opt.zero_grad()
+        layer(conv(x)).square().mean().backward()
+        opt.step()
+        if step in (steps // 3, steps - 1):
+            growth.append(_rss_bytes())
+    return growth[1] - growth[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc")
+def test_memory_stays_flat_over_many_training_steps():
+    # 100 steps each keeping a 64x6x24x24 float32 graph alive would add ~90 MB: the tutorial's layer does.
+    leaked = _rss_growth_over_training(TutorialBatchNorm(6))
+    ours = _rss_growth_over_training(norm.BatchNorm2d(6))
+    assert leaked > 50e6, f"the contrast case should leak, grew {leaked / 1e6:.1f} MB"
+    assert ours < 10e6, f"memory grew {ours / 1e6:.1f} MB over 100 steps"
+
+
+@pytest.mark.parametrize(
+    "cls, bad_ranks",
+    [(norm.BatchNorm1d, [1, 4]), (norm.BatchNorm2d, [2, 3, 5]), (norm.BatchNorm3d, [3, 4, 6])],
+)
+def test_wrong_rank_is_rejected_like_torch(cls, bad_ranks):
+    theirs_cls = dict(PAIRS)[cls]
+    for rank in bad_ranks:
+        x = torch.randn((2, 3) + (2,) * (rank - 2) if rank >= 2 else (3,))
+        with pytest.raises(ValueError) as ours_err:
+            cls(3)(x)
+        with pytest.raises(ValueError) as theirs_err:
+            theirs_cls(3)(x)
+        assert str(ours_err.value) == str(theirs_err.value)
+
+
+@pytest.mark.parametrize(
+    "make_input, kwargs, training",
+    [
+        (lambda: torch.randn(1, 3), {}, True),  # one value per channel
+        (lambda: torch.randn(1, 3, 1), {}, True),
+        (lambda: torch.randn(4, 5), {}, True),  # channel count differs from num_features
+        (lambda: torch.randn(4, 5), {}, False),
+        (lambda: torch.randn(4, 5), {"track_running_stats": False}, True),
+        (lambda: torch.randn(4, 3), {"eps": 0.0}, True),
+        (lambda: torch.randn(4, 3), {"eps": -1.0}, False),
+    ],
+)
+def test_bad_input_raises_the_same_error_as_torch(make_input, kwargs, training):
+    x = make_input()
+    errors = []
+    for cls in (norm.BatchNorm1d, nn.BatchNorm1d):
+        layer = cls(3, **kwargs).train(training)
+        with pytest.raises(Exception) as err:
+            layer(x)
+        errors.append((type(err.value), str(err.value)))
+    assert errors[0] == errors[1]
+
+
+def test_one_value_per_channel_is_fine_in_eval():
+    x = torch.randn(1, 3)
+    torch.testing.assert_close(norm.BatchNorm1d(3).eval()(x), nn.BatchNorm1d(3).eval()(x))
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)])
+def test_empty_batch_matches_torch(shape):
+    ours, theirs = twins(norm.BatchNorm2d, nn.BatchNorm2d, torch.float32)
+    x = torch.randn(shape[0], 5, *shape[2:])
+    step_and_compare(ours, theirs, x, torch.float32)
+
+
+def test_state_dict_round_trips_both_ways():
+    torch.manual_seed(0)
+    theirs = nn.BatchNorm2d(4)
+    theirs(torch.randn(8, 4, 3, 3) + 3)
+    ours = norm.BatchNorm2d(4)
+    ours.load_state_dict(theirs.state_dict())
+    back = nn.BatchNorm2d(4)
+    back.load_state_dict(ours.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+    assert ours._version == theirs._version
+
+
+def test_old_state_dict_without_num_batches_tracked_loads():
+    state = nn.BatchNorm1d(3).state_dict()
+    del state["num_batches_tracked"]
+    state._metadata[""]["version"] = 1
+    layer = norm.BatchNorm1d(3)
+    layer.num_batches_tracked.fill_(7)
+    layer.load_state_dict(state)
+    assert layer.num_batches_tracked.item() == 0
+
+
+def test_buffers_follow_the_module_across_dtypes():
+    layer = norm.BatchNorm1d(3).double()
+    assert layer.running_mean.dtype == torch.float64 and layer.num_batches_tracked.dtype == torch.long
+    assert {name for name, _ in layer.named_buffers()} == {"running_mean", "running_var", "num_batches_tracked"}
