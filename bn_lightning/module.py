@@ -1,0 +1,67 @@
+"""The LightningModule: a classifier around an injected network, with metrics per stage."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+STAGES = ("train", "val", "test")
+
+
+class Classifier(LightningModule):
+    """Cross-entropy training of ``net`` with accuracy and loss tracked by torchmetrics.
+
+    Loss and accuracy are accumulated over exactly the samples seen: the epoch loss is the
+    mean per sample (a partial last batch weighs what it holds, not a full batch), the
+    epoch accuracy is correct / seen. Training logs both per step and per epoch
+    (``train/acc_step``, ``train/acc_epoch``); validation and test per epoch (``val/acc``).
+    """
+
+    def __init__(self, net: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD, num_classes: int = 10) -> None:
+        super().__init__()
+        # The network's own config is kept by LightningCLI in config.yaml beside the logs;
+        # a module in hparams would be pickled into every checkpoint.
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.optimizer = optimizer
+        # Keyed "<stage>_acc" / "<stage>_loss": a bare "train" key would clash with Module.train.
+        self.metrics = nn.ModuleDict()
+        for stage in STAGES:
+            self.metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes, average="micro")
+            self.metrics[f"{stage}_loss"] = MeanMetric()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        accuracy, mean_loss = self.metrics[f"{stage}_acc"], self.metrics[f"{stage}_loss"]
+        accuracy(logits, y)
+        mean_loss(loss, weight=y.numel())
+        per_step = stage == "train"
+        self.log(f"{stage}/loss", mean_loss, on_step=per_step, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc", accuracy, on_step=per_step, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        """Predicted class per image (the batch's labels, if any, are ignored)."""
+        return self(batch[0]).argmax(dim=1)
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters())

@@ -1,0 +1,120 @@
+"""The DataModule on IDX files read by torchvision's own parser, and on the real data set."""
+
+import gzip
+import shutil
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision.datasets.mnist
+from torchvision import transforms
+from torchvision.datasets import FashionMNIST
+
+from bn_lightning.data import RAW_FILES, DataNotFoundError, FashionMNISTDataModule
+from conftest import SHARED_DATA, needs_real_data, write_fashion_mnist
+
+
+def ready(dm: FashionMNISTDataModule, stage: str = "fit") -> FashionMNISTDataModule:
+    dm.prepare_data()
+    dm.setup(stage)
+    return dm
+
+
+def test_samples_equal_torchvisions_totensor_and_normalize(tiny_data):
+    dm = ready(FashionMNISTDataModule(tiny_data, mean=0.2860, std=0.3530), "test")
+    reference = FashionMNIST(tiny_data, train=False, transform=transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))]))
+    x, y = next(iter(dm.test_dataloader()))
+    expected = torch.stack([reference[i][0] for i in range(len(y))])
+    torch.testing.assert_close(x, expected)
+    assert y.tolist() == [reference[i][1] for i in range(len(y))]
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert dm.test_set[3][0].shape == (1, 28, 28)  # single-sample access still works
+
+
+def test_default_inputs_are_pixels_in_unit_range(tiny_data):
+    x, _ = next(iter(ready(FashionMNISTDataModule(tiny_data, val_size=20)).train_dataloader()))
+    assert x.min() >= 0 and x.max() == 1
+
+
+def test_split_is_seeded_disjoint_and_complete(tiny_data):
+    def split(seed):
+        dm = ready(FashionMNISTDataModule(tiny_data, val_size=30, split_seed=seed))
+        return dm.train_set.images, dm.val_set.images
+
+    (train_a, val_a), (train_b, val_b), (_, val_c) = split(0), split(0), split(1)
+    assert len(train_a) == 170 and len(val_a) == 30
+    assert torch.equal(val_a, val_b) and torch.equal(train_a, train_b)
+    assert not torch.equal(val_a, val_c)
+    # Every training image lands in exactly one of the two parts.
+    everything = FashionMNIST(tiny_data, train=True).data
+    parts = torch.cat([train_a, val_a]).flatten(1)
+    assert sorted(map(bytes, parts.numpy())) == sorted(map(bytes, everything.flatten(1).numpy()))
+
+
+def test_batches_cover_every_sample_once_with_a_partial_last_batch(tiny_data):
+    dm = ready(FashionMNISTDataModule(tiny_data, batch_size=64, val_size=20))
+    sizes = [len(y) for _, y in dm.train_dataloader()]
+    assert sizes == [64, 64, 52]
+    assert [len(y) for _, y in dm.val_dataloader()] == [20]
+
+
+def test_gzipped_files_alone_are_unpacked(tmp_path, tiny_data):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in RAW_FILES:
+        with open(tiny_data / "FashionMNIST" / "raw" / name, "rb") as src, gzip.open(raw / f"{name}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    dm = ready(FashionMNISTDataModule(tmp_path, download=False, val_size=20))
+    assert len(dm.train_set) == 180
+
+
+def test_missing_files_without_download_name_folder_and_files(tmp_path):
+    with pytest.raises(DataNotFoundError) as err:
+        FashionMNISTDataModule(tmp_path / "nowhere", download=False).prepare_data()
+    message = str(err.value)
+    assert str((tmp_path / "nowhere" / "FashionMNIST" / "raw").resolve()) in message
+    assert all(name in message for name in RAW_FILES)
+    assert "download: false" in message and "--data.data_dir" in message
+
+
+def test_failed_download_says_why_and_how_to_fix(tmp_path, monkeypatch):
+    def offline(url, *args, **kwargs):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
+    with pytest.raises(DataNotFoundError, match="downloading them failed: .*Name or service not known"):
+        FashionMNISTDataModule(tmp_path).prepare_data()
+
+
+def test_some_files_missing_are_named(tmp_path):
+    root = write_fashion_mnist(tmp_path)
+    (root / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataNotFoundError, match="missing t10k-labels-idx1-ubyte;"):
+        FashionMNISTDataModule(root, download=False).prepare_data()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size must be a positive"),
+    ({"val_size": 0}, "val_size must be a positive"),
+    ({"std": 0.0}, "std must be positive"),
+])
+def test_bad_settings_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FashionMNISTDataModule(**kwargs)
+
+
+def test_val_size_larger_than_the_data_is_rejected(tiny_data):
+    with pytest.raises(ValueError, match="val_size 500 leaves no training images"):
+        ready(FashionMNISTDataModule(tiny_data, val_size=500))
+
+
+@needs_real_data
+def test_real_fashion_mnist_split_and_statistics():
+    dm = ready(FashionMNISTDataModule(SHARED_DATA, download=False))
+    dm.setup("test")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55_000, 5_000, 10_000)
+    assert torch.bincount(dm.test_set.targets).tolist() == [1000] * 10
+    pixels = torch.cat([dm.train_set.images, dm.val_set.images]).float() / 255
+    assert pixels.mean().item() == pytest.approx(0.2861, abs=1e-4)  # the data's README: 0.286105
+    assert pixels.std(correction=0).item() == pytest.approx(0.3528, abs=1e-4)

@@ -1,0 +1,69 @@
+"""The LightningModule: metrics over exactly the samples seen, optimizer from arguments, real training."""
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer, seed_everything
+
+from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.model import LeNet
+from bn_lightning.module import Classifier
+
+
+def trainer(tmp_path, **kwargs):
+    return Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
+def test_validation_metrics_count_a_partial_last_batch_by_its_samples(tiny_data, tmp_path):
+    # 50 validation images in batches of 16: 16, 16, 16 and a partial 2.
+    dm = FashionMNISTDataModule(tiny_data, batch_size=16, val_size=50)
+    model = Classifier(LeNet("scratch"))
+    logged = trainer(tmp_path).validate(model, datamodule=dm, verbose=False)[0]
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.stack([dm.val_set[i][0] for i in range(50)]))
+    targets = dm.val_set.targets
+    assert logged["val/acc"] == pytest.approx((logits.argmax(1) == targets).float().mean().item(), abs=1e-6)
+    assert logged["val/loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer, lr", [(torch.optim.SGD, 0.9), (torch.optim.Adam, 0.01)])
+def test_optimizer_and_learning_rate_come_from_the_arguments(optimizer, lr):
+    model = Classifier(LeNet(), optimizer=partial(optimizer, lr=lr))
+    opt = model.configure_optimizers()
+    assert type(opt) is optimizer and opt.param_groups[0]["lr"] == lr
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in model.parameters()}
+
+
+def test_hyperparameters_are_saved_without_the_network():
+    model = Classifier(LeNet(), num_classes=10)
+    assert "net" not in model.hparams and model.hparams.num_classes == 10
+
+
+@pytest.mark.parametrize("norm", ["none", "scratch", "torch"])
+def test_training_for_real_learns_the_tiny_data(tiny_data, tmp_path, norm):
+    seed_everything(0)
+    dm = FashionMNISTDataModule(tiny_data, batch_size=20, val_size=40)
+    model = Classifier(LeNet(norm, activation="relu"), optimizer=partial(torch.optim.Adam, lr=0.01))
+    fit_trainer = trainer(tmp_path, max_epochs=8)
+    before = fit_trainer.validate(model, datamodule=dm, verbose=False)[0]["val/acc"]
+    fit_trainer.fit(model, datamodule=dm)
+    metrics = fit_trainer.callback_metrics
+    assert {"train/loss_step", "train/acc_step", "train/loss_epoch", "train/acc_epoch", "val/loss", "val/acc"} <= set(metrics)
+    assert metrics["val/acc"] > max(0.6, before + 0.3), f"val acc {before:.2f} -> {metrics['val/acc']:.2f}"
+    if norm != "none":
+        assert model.net.conv1.norm.num_batches_tracked.item() == 8 * 8  # 160 images / 20 per batch, 8 epochs
+    test = fit_trainer.test(model, datamodule=dm, verbose=False)[0]
+    assert set(test) == {"test/loss", "test/acc"}
+
+
+def test_predict_returns_one_class_per_image(tiny_data, tmp_path):
+    dm = FashionMNISTDataModule(tiny_data, batch_size=25)
+    batches = trainer(tmp_path).predict(Classifier(LeNet()), datamodule=dm)
+    predictions = torch.cat(batches)
+    assert predictions.shape == (60,) and predictions.dtype == torch.int64
+    assert predictions.min() >= 0 and predictions.max() < 10
