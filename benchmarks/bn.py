@@ -1,0 +1,129 @@
+"""Our BN against torch's and against the tutorial's chain of small ops: time and peak memory.
+
+    python benchmarks/bn.py [--repeats 15] [--device cpu|cuda]
+
+Forward+backward in train mode and forward in eval mode, float32, at LeNet's BN shapes and a
+larger map. Prints medians and ratios to torch's layer measured in this same process, and
+writes benchmarks/results/bn.json and bn.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from bn_lightning.norm import BatchNorm1d, BatchNorm2d
+from common import PeakTensorBytes, markdown_table, median_times, write_results
+
+SHAPES = [(256, 6, 24, 24), (256, 16, 8, 8), (256, 120), (256, 64, 32, 32)]
+
+
+class TutorialBatchNorm(nn.Module):
+    """The tutorial's layer: the paper's formula as a chain of small tensor ops.
+
+    Kept only as the speed baseline; its running statistics are detached here so the
+    benchmark measures its speed, not the memory leak it had (benchmarks/memory.py shows that).
+    """
+
+    def __init__(self, num_features: int, spatial: bool) -> None:
+        super().__init__()
+        shape = (1, num_features, 1, 1) if spatial else (1, num_features)
+        self.dims = (0, 2, 3) if spatial else (0,)
+        self.gamma, self.beta = nn.Parameter(torch.ones(shape)), nn.Parameter(torch.zeros(shape))
+        self.moving_mean, self.moving_var = torch.zeros(shape), torch.ones(shape)
+
+    def forward(self, x):
+        if not self.training:
+            x_hat = (x - self.moving_mean) / torch.sqrt(self.moving_var + 1e-5)
+        else:
+            mean = x.mean(dim=self.dims, keepdim=True)
+            var = ((x - mean) ** 2).mean(dim=self.dims, keepdim=True)
+            x_hat = (x - mean) / torch.sqrt(var + 1e-5)
+            self.moving_mean = (0.9 * self.moving_mean + 0.1 * mean).detach()
+            self.moving_var = (0.9 * self.moving_var + 0.1 * var).detach()
+        return self.gamma * x_hat + self.beta
+
+
+def layers(shape, device):
+    spatial = len(shape) == 4
+    channels = shape[1]
+    return {
+        "torch": (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(channels).to(device),
+        "ours": (BatchNorm2d if spatial else BatchNorm1d)(channels).to(device),
+        "tutorial": TutorialBatchNorm(channels, spatial).to(device),
+    }
+
+
+def train_step(layer, x, grad_out):
+    x.grad = None
+    layer(x).backward(grad_out)
+
+
+def peak_bytes(layer, x, grad_out) -> int:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        train_step(layer, x, grad_out)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with PeakTensorBytes() as counter:
+        train_step(layer, x, grad_out)
+    return counter.peak
+
+
+def synced(fn, device):
+    if device.type != "cuda":
+        return fn
+    return lambda: (fn(), torch.cuda.synchronize())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+
+    rows, table = [], []
+    for shape in SHAPES:
+        x = torch.randn(shape, device=device).requires_grad_()
+        grad_out = torch.randn(shape, device=device)
+        candidates = layers(shape, device)
+        number = max(1, int(2e7 // x.numel()))  # about the same work per repeat at every shape
+        train = median_times(
+            {n: synced(lambda l=l: train_step(l, x, grad_out), device) for n, l in candidates.items()},
+            args.repeats, number,
+        )
+        for layer in candidates.values():
+            layer.eval()
+        with torch.no_grad():
+            evals = median_times(
+                {n: synced(lambda l=l: l(x), device) for n, l in candidates.items()}, args.repeats, number
+            )
+        for layer in candidates.values():
+            layer.train()
+        memory = {n: peak_bytes(l, x, grad_out) for n, l in candidates.items()}
+        row = {"shape": list(shape), "train_s": train, "eval_s": evals, "peak_bytes": memory}
+        rows.append(row)
+        ratio = lambda d, n: d[n] / d["torch"]
+        table.append([
+            "x".join(map(str, shape)),
+            f"{train['torch'] * 1e3:.3f}", f"{ratio(train, 'ours'):.2f}x", f"{ratio(train, 'tutorial'):.2f}x",
+            f"{evals['torch'] * 1e3:.3f}", f"{ratio(evals, 'ours'):.2f}x", f"{ratio(evals, 'tutorial'):.2f}x",
+            f"{memory['torch'] / 2**20:.1f}", f"{ratio(memory, 'ours'):.2f}x", f"{ratio(memory, 'tutorial'):.2f}x",
+        ])
+    header = ["shape", "train ms (torch)", "ours/torch", "tutorial/torch", "eval ms (torch)", "ours/torch",
+              "tutorial/torch", "peak MiB (torch)", "ours/torch", "tutorial/torch"]
+    text = markdown_table(header, table)
+    print(f"BatchNorm forward+backward (train) and forward (eval), float32, {device}, "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(text)
+    print("written", write_results("bn", rows, text))
+
+
+if __name__ == "__main__":
+    main()

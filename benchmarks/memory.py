@@ -1,0 +1,97 @@
+"""Resident memory over many LeNet training steps: our BN stays flat, the tutorial's grows.
+
+    python benchmarks/memory.py [--steps 1000] [--tutorial-steps 100] [--batch-size 256]
+
+Our layer trains for --steps steps and the process's RSS is sampled as it goes; it must be flat
+after warm-up. The tutorial's layer (running statistics computed from tensors that keep their
+autograd history, so every step's graph stays reachable from the buffers) runs a shorter while,
+enough to show it grows by megabytes a step. Writes benchmarks/results/memory.json and memory.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bn_lightning.model import LeNet
+from common import markdown_table, write_results
+
+
+class LeakingTutorialBatchNorm(nn.Module):
+    """The tutorial's bug, verbatim in spirit: moving statistics carry autograd history."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.gamma, self.beta = nn.Parameter(torch.ones(num_features)), nn.Parameter(torch.zeros(num_features))
+        self.moving_mean, self.moving_var = torch.zeros(num_features), torch.ones(num_features)
+
+    def forward(self, x):
+        dims = [0, *range(2, x.dim())]
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean, var = x.mean(dims), x.var(dims, correction=0)
+        self.moving_mean = 0.9 * self.moving_mean + 0.1 * mean  # no detach: the graph stays reachable
+        self.moving_var = 0.9 * self.moving_var + 0.1 * var
+        x_hat = (x - mean.view(shape)) / (var.view(shape) + 1e-5).sqrt()
+        return self.gamma.view(shape) * x_hat + self.beta.view(shape)
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def with_tutorial_bn(net: LeNet) -> LeNet:
+    for block in (net.conv1, net.conv2, net.fc1, net.fc2):
+        block.norm = LeakingTutorialBatchNorm(block.norm.num_features)
+    return net
+
+
+def train(net: nn.Module, steps: int, batch_size: int, every: int) -> list[tuple[int, float]]:
+    torch.manual_seed(0)
+    x, y = torch.rand(batch_size, 1, 28, 28), torch.randint(0, 10, (batch_size,))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    samples = []
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        if step % every == 0:
+            samples.append((step, rss_mib()))
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--tutorial-steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+
+    runs = {
+        "ours": train(LeNet("scratch"), args.steps, args.batch_size, every=max(1, args.steps // 20)),
+        "tutorial": train(with_tutorial_bn(LeNet("scratch")), args.tutorial_steps, args.batch_size,
+                          every=max(1, args.tutorial_steps // 10)),
+    }
+    rows, table = [], []
+    for layer, samples in runs.items():
+        # Past the first tenth of the run: the allocator has reached its working set.
+        kept = [(step, mib) for step, mib in samples if step > samples[-1][0] // 10]
+        steps, mibs = zip(*kept)
+        slope = statistics.linear_regression(steps, mibs).slope * 1024
+        rows.append({"layer": layer, "rss_mib": samples, "slope_kib_per_step": slope})
+        table.append([layer, samples[-1][0], f"{mibs[0]:.1f}", f"{mibs[-1]:.1f}", f"{min(mibs):.1f} - {max(mibs):.1f}",
+                      f"{slope:+.1f}"])
+    text = markdown_table(["layer", "steps", "RSS after warm-up (MiB)", "RSS at the end (MiB)", "range (MiB)",
+                           "trend (KiB/step)"], table)
+    print(f"LeNet with BN, batch {args.batch_size}, SGD; resident set size of this process")
+    print(text)
+    print("written", write_results("memory", rows, text))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""One epoch of LeNet on Fashion-MNIST: Lightning's Trainer against a plain PyTorch loop.
+
+    python benchmarks/train.py [--data-dir ../shared/data] [--repeats 3] [--batches N]
+
+For each norm, both run the same model init, batches and optimizer: their losses must agree
+to 5 decimals (the parity check Lightning keeps for itself); the script prints the epoch-time
+ratio (median of the repeats, runs interleaved) and the share of the plain loop's step time
+spent waiting for data. Writes benchmarks/results/train.json and train.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer
+from torch.utils.data import DataLoader
+
+from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.model import LeNet
+from bn_lightning.module import Classifier
+from common import markdown_table, write_results
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LR = {"none": 0.9, "scratch": 1.0, "torch": 1.0}  # Dive into Deep Learning's
+
+
+def loader(dm: FashionMNISTDataModule, batches: int | None) -> DataLoader:
+    """The DataModule's training loader with a freshly seeded shuffle: every call yields the same batches."""
+    base = dm.train_dataloader()
+    dataset = base.dataset if batches is None else base.dataset.subset(list(range(batches * base.batch_size)))
+    return DataLoader(dataset, batch_size=base.batch_size, shuffle=True, collate_fn=base.collate_fn,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def fresh_model(norm: str) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(LeNet(norm), optimizer=partial(torch.optim.SGD, lr=LR[norm]))
+
+
+def plain_epoch(norm: str, data: DataLoader) -> tuple[float, float, list[float]]:
+    model = fresh_model(norm)
+    optimizer = model.configure_optimizers()
+    model.train()
+    losses, waiting = [], 0.0
+    start = time.perf_counter()
+    batches = iter(data)
+    while True:
+        fetch = time.perf_counter()
+        batch = next(batches, None)
+        waiting += time.perf_counter() - fetch
+        if batch is None:
+            break
+        x, y = batch
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return time.perf_counter() - start, waiting, losses
+
+
+class RecordEpoch(Callback):
+    """Each step's loss, and the epoch's time from its first hook to its last (Trainer setup excluded)."""
+
+    def __init__(self) -> None:
+        self.losses, self.start, self.seconds = [], 0.0, 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(outputs["loss"].item())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def lightning_epoch(norm: str, data: DataLoader) -> tuple[float, list[float]]:
+    model, record = fresh_model(norm), RecordEpoch()
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, callbacks=[record], accelerator="cpu")
+    trainer.fit(model, train_dataloaders=data)
+    return record.seconds, record.losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, default=None, help="batches per epoch (default: the whole epoch)")
+    args = parser.parse_args()
+    dm = FashionMNISTDataModule(args.data_dir, batch_size=256, download=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    data = partial(loader, dm, args.batches)
+
+    rows, table = [], []
+    for norm in ("none", "scratch", "torch"):
+        plain_times, lightning_times, data_shares = [], [], []
+        for _ in range(args.repeats):
+            seconds, waiting, plain_losses = plain_epoch(norm, data())
+            plain_times.append(seconds)
+            data_shares.append(waiting / seconds)
+            seconds, lightning_losses = lightning_epoch(norm, data())
+            lightning_times.append(seconds)
+        worst = max(abs(a - b) for a, b in zip(plain_losses, lightning_losses))
+        assert len(plain_losses) == len(lightning_losses) and worst < 5e-6, f"losses differ by {worst}"
+        plain, lightning, share = (statistics.median(v) for v in (plain_times, lightning_times, data_shares))
+        rows.append({"norm": norm, "plain_s": plain, "lightning_s": lightning, "data_share": share,
+                     "steps": len(plain_losses), "max_loss_difference": worst})
+        table.append([norm, len(plain_losses), f"{plain:.2f}", f"{lightning:.2f}", f"{lightning / plain:.3f}x",
+                      f"{100 * share:.2f}%", f"{worst:.1e}"])
+    text = markdown_table(["norm", "steps", "plain s/epoch", "Lightning s/epoch", "Lightning/plain",
+                           "data share of step", "max loss diff"], table)
+    print(f"LeNet, batch 256, SGD, one epoch, median of {args.repeats} interleaved repeats, "
+          f"{torch.get_num_threads()} threads")
+    print(text)
+    print("written", write_results("train", rows, text))
+
+
+if __name__ == "__main__":
+    main()
