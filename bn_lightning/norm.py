@@ -40,54 +40,87 @@ def _reduce_dims(ndim: int) -> list[int]:
     return [0, *range(2, ndim)]
 
 
-class _NormalizeAffine(torch.autograd.Function):
-    """``y = gamma * (x - mean) * invstd + beta`` with a hand-written backward.
+def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-channel ``sum(a * b)`` over every other dimension, without materializing ``a * b``.
 
-    ``from_batch`` says whether ``mean`` and ``invstd`` were computed from ``x`` itself
-    (training, or no running stats): then the backward carries the terms through the
-    batch statistics. Otherwise they are constants (eval with running stats).
-    Only ``x``, ``mean``, ``invstd`` and ``weight`` are saved: ``x_hat`` is recomputed
-    inside the backward's fused expressions rather than stored as another full tensor.
+    One batched dot product per (sample, channel) row, then a sum over the samples: a single
+    read of each input, where ``(a * b).sum(dims)`` would write and read a full temporary.
+    """
+    n, c = a.shape[:2]
+    if a.dim() == 2:
+        return torch.bmm(a.t().unsqueeze(1), b.t().unsqueeze(2)).view(c)
+    length = math.prod(a.shape[2:])
+    return torch.bmm(a.reshape(n * c, 1, length), b.reshape(n * c, length, 1)).view(n, c).sum(0)
+
+
+class _BatchNormFunction(torch.autograd.Function):
+    """Batch normalization with the forward and the backward written out.
+
+    Training (or eval without running buffers) normalizes with the batch statistics, and the
+    backward carries the gradient through them (Ioffe & Szegedy 2015, section 3)::
+
+        dx = gamma * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat))
+
+    Eval with running buffers normalizes with those constants. Only ``x``, the per-channel
+    mean and invstd, and gamma are saved; ``x_hat`` is never stored as a second full tensor.
     """
 
     @staticmethod
-    def forward(ctx, x, mean, invstd, weight, bias, from_batch):
-        scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
+    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps):
+        ndim, count = x.dim(), _values_per_channel(x)
+        if use_batch_stats and count > 0:
+            mean = x.mean(_reduce_dims(ndim))
+            out = x - _channel_view(mean, ndim)  # centred in place of the output, then scaled
+            var = _channel_dot(out, out) / count
+            invstd = torch.rsqrt(var + eps)
+            out.mul_(_channel_view(invstd if weight is None else invstd * weight, ndim))
+            if bias is not None:
+                out.add_(_channel_view(bias, ndim))
+            if running_mean is not None and running_var is not None:
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+        else:
+            if use_batch_stats:
+                # An empty batch has no statistics: placeholders keep the (empty) output and the
+                # zero parameter gradients free of NaN, and the running buffers stay as they are.
+                mean, var = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
+            else:
+                mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
+            invstd = torch.rsqrt(var + eps)
+            scale = invstd if weight is None else invstd * weight
+            shift = -mean * scale if bias is None else bias - mean * scale
+            out = torch.addcmul(_channel_view(shift, ndim), x, _channel_view(scale, ndim))
         ctx.save_for_backward(x, mean, invstd, weight)
-        ctx.from_batch = from_batch
-        return torch.addcmul(_channel_view(shift, x.dim()), x, _channel_view(scale, x.dim()))
+        ctx.use_batch_stats = use_batch_stats
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, mean, invstd, weight = ctx.saved_tensors
-        ndim, dims = x.dim(), _reduce_dims(x.dim())
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        ndim, count = x.dim(), _values_per_channel(x)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        through_stats = need_x and ctx.use_batch_stats
         grad_x = grad_w = grad_b = None
 
-        # sum(dy) and sum(dy * (x - mean)) per channel: the only reductions the backward needs.
-        sum_dy = grad_out.sum(dims) if (need_b or (need_x and ctx.from_batch)) else None
-        sum_dy_xmu = None
-        if need_w or (need_x and ctx.from_batch):
-            sum_dy_xmu = (grad_out * (x - _channel_view(mean, ndim))).sum(dims)
-
+        # The backward's only reductions: sum(dy) and sum(dy * (x - mean)) per channel.
+        sum_dy = grad_out.sum(_reduce_dims(ndim))
+        if need_w or through_stats:
+            sum_dy_xmu = _channel_dot(grad_out, x) - mean * sum_dy
         if need_w:
             grad_w = sum_dy_xmu * invstd
         if need_b:
             grad_b = sum_dy
         if need_x:
             gain = invstd if weight is None else invstd * weight
-            if ctx.from_batch:
-                # dx = gain * (dy - mean(dy) - x_hat * mean(dy * x_hat)), written as
-                # dx = gain * dy + coef * x + offset with per-channel coef and offset.
-                count = _values_per_channel(x)
+            if through_stats:
+                # dx = gain * dy + coef * x + offset, with per-channel coef and offset.
                 coef = -gain * invstd * invstd * sum_dy_xmu / count
                 offset = -gain * sum_dy / count - coef * mean
                 grad_x = torch.addcmul(_channel_view(offset, ndim), x, _channel_view(coef, ndim))
                 grad_x.addcmul_(grad_out, _channel_view(gain, ndim))
             else:
                 grad_x = grad_out * _channel_view(gain, ndim)
-        return grad_x, None, None, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def _check_channels(x: Tensor, name: str, t: Tensor | None) -> None:
@@ -125,24 +158,10 @@ def batch_norm(
     _check_channels(input, "weight", weight)
     _check_channels(input, "bias", bias)
 
-    from_batch = training or running_mean is None or running_var is None
-    with torch.no_grad():
-        if from_batch:
-            if count == 0:
-                # An empty batch has no statistics: normalize with placeholders that keep
-                # the (empty) output and the zero parameter gradients free of NaN, as torch does.
-                mean = input.new_zeros(input.shape[1])
-                var = input.new_ones(input.shape[1])
-            else:
-                var, mean = torch.var_mean(input, dim=_reduce_dims(input.dim()), correction=0)
-                if training and running_mean is not None and running_var is not None:
-                    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                    unbiased = var * (count / (count - 1))
-                    running_var.lerp_(unbiased.to(running_var.dtype), momentum)
-        else:
-            mean, var = running_mean.to(input.dtype), running_var.to(input.dtype)
-        invstd = torch.rsqrt(var + eps)
-    return _NormalizeAffine.apply(input, mean, invstd, weight, bias, from_batch)
+    # Batch statistics in training, and in eval when there are no buffers to normalize with;
+    # the buffers are updated only when batch statistics are taken and both are given.
+    use_batch_stats = training or running_mean is None or running_var is None
+    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps)
 
 
 class _BatchNorm(nn.Module):
