@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Sequence
 from time import perf_counter
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -81,21 +82,36 @@ def _tensorboards(trainer: Trainer) -> list:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
+def _percentiles(values: Tensor) -> list[float]:
+    """``PERCENTILES`` of ``values``, interpolated as ``torch.quantile`` does. On the CPU through numpy's
+    selection, which takes half of ``torch.quantile``'s time there (30 ms on conv1's 885k inputs)."""
+    values = values.float()
+    if values.device.type == "cpu":
+        return np.percentile(values.numpy(), PERCENTILES).tolist()
+    return torch.quantile(values, torch.tensor(PERCENTILES, device=values.device) / 100).tolist()
+
+
 def _histogram(values: Tensor) -> dict | None:
     """``values`` reduced to what ``SummaryWriter.add_histogram_raw`` takes, so the tensor need not be
-    kept; non-finite values are left out (None if nothing is left), since a diverging run is worth watching."""
-    values = values.detach().flatten().float().cpu()
-    values = values[values.isfinite()]
+    kept; non-finite values are left out (None if nothing is left), since a diverging run is worth watching.
+    ``torch.histc`` over the values' range: a third of ``torch.histogram``'s time on the CPU."""
+    values = values.detach().flatten().float()
+    finite = values.isfinite()
+    if not finite.all():
+        values = values[finite]
     if values.numel() == 0:
         return None
-    counts, edges = torch.histogram(values, bins=HISTOGRAM_BINS)
+    smallest, largest = (bound.item() for bound in torch.aminmax(values))
+    # A single value gets a unit-wide range around it, as numpy.histogram gives it.
+    low, high = (smallest, largest) if smallest < largest else (smallest - 0.5, largest + 0.5)
+    counts = torch.histc(values, bins=HISTOGRAM_BINS, min=low, max=high)
     return {
-        "min": values.min().item(),
-        "max": values.max().item(),
+        "min": smallest,
+        "max": largest,
         "num": values.numel(),
         "sum": values.sum().item(),
         "sum_squares": values.square().sum().item(),
-        "bucket_limits": edges[1:].tolist(),
+        "bucket_limits": torch.linspace(low, high, HISTOGRAM_BINS + 1)[1:].tolist(),
         "bucket_counts": counts.tolist(),
     }
 
@@ -140,12 +156,22 @@ class _LayerMonitor(_EveryNSteps):
     layer_types: tuple[type[nn.Module], ...]
     role: str  # what the layer is called inside its block: ``conv1.norm`` -> ``conv1``
 
-    def __init__(self, every_n_steps: int) -> None:
+    def __init__(self, every_n_steps: int, histogram_every_n_steps: int | None) -> None:
         super().__init__(every_n_steps)
+        if histogram_every_n_steps is not None:
+            _positive(self, "histogram_every_n_steps", histogram_every_n_steps)
+        self.histogram_every_n_steps = histogram_every_n_steps
         self.layers: dict[str, nn.Module] = {}
         self._step: int | None = None
+        self._scalars_now = self._histograms_now = False
         self._handles: list = []
         self._observed: dict[str, object] = {}
+
+    def _due(self, step: int) -> bool:
+        return super()._due(step) or self._histogram_due(step)
+
+    def _histogram_due(self, step: int) -> bool:
+        return self.histogram_every_n_steps is not None and step % self.histogram_every_n_steps == 0
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -154,6 +180,7 @@ class _LayerMonitor(_EveryNSteps):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         self._step = self._take_step(trainer)
         if self._step is not None:
+            self._scalars_now, self._histograms_now = super()._due(self._step), self._histogram_due(self._step)
             self._handles = [
                 layer.register_forward_pre_hook(self._observer(name)) for name, layer in self.layers.items()
             ]
@@ -197,7 +224,8 @@ class BatchNormMonitor(_LayerMonitor):
     statistics (``track_running_stats=False``) get the gamma and beta histograms only.
 
     Args:
-        every_n_steps: log on one training step in this many.
+        every_n_steps: log the scalars on one training step in this many.
+        histogram_every_n_steps: log the histograms on one step in this many; None for none.
         all_channels_up_to: layers this wide or narrower get every channel logged.
         channels_sampled: wider layers get this many evenly spaced channels.
     """
@@ -205,8 +233,14 @@ class BatchNormMonitor(_LayerMonitor):
     layer_types = BATCH_NORMS
     role = "norm"
 
-    def __init__(self, every_n_steps: int = 50, all_channels_up_to: int = 16, channels_sampled: int = 8) -> None:
-        super().__init__(every_n_steps)
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        histogram_every_n_steps: int | None = 200,
+        all_channels_up_to: int = 16,
+        channels_sampled: int = 8,
+    ) -> None:
+        super().__init__(every_n_steps, histogram_every_n_steps)
         self.all_channels_up_to = _positive(self, "all_channels_up_to", all_channels_up_to)
         self.channels_sampled = _positive(self, "channels_sampled", channels_sampled)
         self._channels: dict[str, tuple[list[int], list[str]]] = {}
@@ -224,7 +258,7 @@ class BatchNormMonitor(_LayerMonitor):
 
     def _observer(self, name: str):
         def observe(layer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
-            if layer.running_mean is None:
+            if layer.running_mean is None or not self._scalars_now:
                 return
             x = inputs[0]
             with torch.no_grad():
@@ -237,16 +271,19 @@ class BatchNormMonitor(_LayerMonitor):
         return observe
 
     def _log(self, trainer: Trainer, step: int) -> None:
-        metrics = {}
-        for name in self._tracked():
-            layer, (channels, labels) = self.layers[name], self._channels[name]
-            for stat in ("running_mean", "running_var"):
-                values = getattr(layer, stat)[channels].tolist()
-                metrics.update({f"bn/{name}/{stat}/{label}": v for label, v in zip(labels, values)})
-            if name in self._observed:
-                mean_gap, var_ratio = self._observed[name]
-                metrics[f"bn/{name}/mean_gap"], metrics[f"bn/{name}/var_ratio"] = mean_gap.item(), var_ratio.item()
-        _log_scalars(trainer, metrics, step)
+        if self._scalars_now:
+            metrics = {}
+            for name in self._tracked():
+                layer, (channels, labels) = self.layers[name], self._channels[name]
+                for stat in ("running_mean", "running_var"):
+                    values = getattr(layer, stat)[channels].tolist()
+                    metrics.update({f"bn/{name}/{stat}/{label}": v for label, v in zip(labels, values)})
+                if name in self._observed:  # a layer the forward did not call has no batch statistics
+                    mean_gap, var_ratio = self._observed[name]
+                    metrics[f"bn/{name}/mean_gap"], metrics[f"bn/{name}/var_ratio"] = mean_gap.item(), var_ratio.item()
+            _log_scalars(trainer, metrics, step)
+        if not self._histograms_now:
+            return
         for name, layer in self.layers.items():
             for label, values in (
                 ("running_mean", layer.running_mean),
@@ -297,19 +334,10 @@ class ActivationMonitor(_LayerMonitor):
     layer_types = ACTIVATIONS
     role = "act"
 
-    def __init__(self, every_n_steps: int = 50, histogram_every_n_steps: int | None = 250, unit_seed: int = 0) -> None:
-        super().__init__(every_n_steps)
-        if histogram_every_n_steps is not None:
-            _positive(self, "histogram_every_n_steps", histogram_every_n_steps)
-        self.histogram_every_n_steps = histogram_every_n_steps
+    def __init__(self, every_n_steps: int = 100, histogram_every_n_steps: int | None = 200, unit_seed: int = 0) -> None:
+        super().__init__(every_n_steps, histogram_every_n_steps)
         self.unit_seed = unit_seed
         self.units: dict[str, tuple[int, ...]] = {}
-
-    def _histogram_due(self, step: int) -> bool:
-        return self.histogram_every_n_steps is not None and step % self.histogram_every_n_steps == 0
-
-    def _due(self, step: int) -> bool:
-        return super()._due(step) or self._histogram_due(step)
 
     def unit(self, name: str, shape: Sequence[int]) -> tuple[int, ...]:
         """The (channel, *position) watched in block ``name`` whose input has ``shape`` (batch first)."""
@@ -319,7 +347,7 @@ class ActivationMonitor(_LayerMonitor):
         return self.units[name]
 
     def _observer(self, name: str):
-        scalars, histogram = super()._due(self._step), self._histogram_due(self._step)
+        scalars, histogram = self._scalars_now, self._histograms_now
 
         def observe(layer: nn.Module, inputs: tuple[Tensor, ...]) -> None:
             x = inputs[0].detach()
@@ -327,10 +355,8 @@ class ActivationMonitor(_LayerMonitor):
             with torch.no_grad():
                 if scalars:
                     values = x.flatten()
-                    quantiles = torch.tensor([p / 100 for p in PERCENTILES], dtype=values.dtype, device=values.device)
-                    unit_values = x[(slice(None), *self.unit(name, x.shape))]
-                    observed["unit"] = torch.quantile(unit_values, quantiles)
-                    observed["layer"] = torch.quantile(values, quantiles)
+                    observed["unit"] = _percentiles(x[(slice(None), *self.unit(name, x.shape))])
+                    observed["layer"] = _percentiles(values)
                     observed["std"], observed["mean"] = torch.std_mean(values)
                 if histogram:
                     observed["histogram"] = _histogram(x)
@@ -343,8 +369,7 @@ class ActivationMonitor(_LayerMonitor):
         for name, observed in self._observed.items():
             for scope in ("unit", "layer"):
                 if scope in observed:
-                    values = observed[scope].tolist()
-                    metrics.update({f"act/{name}/{scope}/p{p}": v for p, v in zip(PERCENTILES, values)})
+                    metrics.update({f"act/{name}/{scope}/p{p}": v for p, v in zip(PERCENTILES, observed[scope])})
             for stat in ("mean", "std"):
                 if stat in observed:
                     metrics[f"act/{name}/{stat}"] = observed[stat].item()

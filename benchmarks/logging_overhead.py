@@ -1,0 +1,108 @@
+"""What the observability callbacks cost: seconds per training epoch with all of them on versus all off.
+
+    python benchmarks/logging_overhead.py [--data-dir DIR] [--epochs 1] [--batches N] [--repeats 5]
+
+LeNet with our BN on the real Fashion-MNIST with Dive into Deep Learning's settings (SGD lr 1.0,
+batch 256), in one process. "on" runs get the callbacks exactly as configs/lenet_bn_scratch.yaml
+sets them; "off" runs get none; both log to TensorBoard as a run does. The two alternate
+(on, off, off, on, ...) so that drifts in machine load hit both alike, after one short warm-up fit.
+Validation is off, so an epoch is training only. Prints the median seconds per epoch of each and
+their ratio (the target is at most 1.05). Writes benchmarks/results/logging_overhead.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.model import LeNet
+from bn_lightning.module import Classifier
+from common import markdown_table, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "lenet_bn_scratch.yaml"
+
+
+class EpochTimer(Callback):
+    """Wall-clock seconds of each training epoch."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def configured_callbacks() -> list[Callback]:
+    """The callbacks of the config, built from their class_path and init_args."""
+    callbacks = []
+    for spec in yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"]:
+        module, name = spec["class_path"].rsplit(".", 1)
+        callbacks.append(getattr(importlib.import_module(module), name)(**spec.get("init_args", {})))
+    return callbacks
+
+
+def epoch_seconds(data: FashionMNISTDataModule, logs: str, callbacks: list[Callback], epochs: int, batches) -> list[float]:
+    seed_everything(0, verbose=False)
+    timer = EpochTimer()
+    trainer = Trainer(
+        max_epochs=epochs, limit_train_batches=batches, limit_val_batches=0, callbacks=[timer, *callbacks],
+        logger=TensorBoardLogger(logs, name="bench", default_hp_metric=False), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(Classifier(LeNet("scratch"), optimizer=partial(torch.optim.SGD, lr=1.0)), datamodule=data)
+    return timer.seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_data = Path(os.environ.get("BN_LIGHTNING_DATA", REPO.parent / "shared" / "data"))
+    parser.add_argument("--data-dir", type=Path, default=default_data, help="torchvision root holding FashionMNIST/raw")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
+    parser.add_argument("--batches", type=int, default=None, help="batches per epoch (default: the whole epoch)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs with the callbacks on, and as many off")
+    args = parser.parse_args()
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*|.*LeafSpec.*|.*smaller than the logging interval.*")
+    data = FashionMNISTDataModule(str(args.data_dir), batch_size=256, download=False)
+    batches = 1.0 if args.batches is None else args.batches
+    seconds = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory() as logs:
+        epoch_seconds(data, logs, configured_callbacks(), epochs=1, batches=20)  # warm-up, not counted
+        for repeat in range(args.repeats):
+            for mode in ("on", "off") if repeat % 2 == 0 else ("off", "on"):
+                callbacks = configured_callbacks() if mode == "on" else []
+                seconds[mode] += epoch_seconds(data, logs, callbacks, args.epochs, batches)
+                print(f"repeat {repeat + 1}/{args.repeats}  {mode:>3}: " + ", ".join(f"{s:.2f}" for s in seconds[mode][-args.epochs:]) + " s/epoch", flush=True)
+
+    on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
+    rows = [{"callbacks": mode, "median_seconds_per_epoch": statistics.median(seconds[mode]), "epochs": len(seconds[mode]),
+             "batches_per_epoch": args.batches or "all"} for mode in ("on", "off")]
+    table = markdown_table(
+        ["LeNet (BN scratch), SGD lr 1.0, batch 256", "median s/epoch", "epochs"],
+        [[f"callbacks {row['callbacks']}", f"{row['median_seconds_per_epoch']:.3f}", row["epochs"]] for row in rows]
+        + [["**on / off**", f"**{on / off:.3f}** (target <= 1.05)", ""]],
+    )
+    path = write_results("logging_overhead", [*rows, {"ratio_on_off": on / off}], table)
+    print(f"\n{table}\n\nwritten to {path}")
+
+if __name__ == "__main__":
+    main()
