@@ -1,0 +1,152 @@
+"""The comparison runner: the matrix it builds, real runs it resumes, and tables checked against the events."""
+
+import csv
+import math
+import statistics
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bn_lightning import compare
+from conftest import REPO, SHARED_DATA, needs_real_data
+
+CONFIGS = REPO / "configs"
+
+
+def write_comparison(folder: Path, data: Path, **spec) -> Path:
+    """A comparison of real configs on ``data``: 2 epochs of 5 batches, so a run takes seconds."""
+    spec = {
+        "configs": [str(CONFIGS / "lenet_no_bn.yaml"), str(CONFIGS / "lenet_bn_scratch.yaml")],
+        "seeds": [0, 1],
+        "args": {"data.data_dir": str(data), "data.batch_size": 32, "data.val_size": 40, "trainer.max_epochs": 2},
+        "threshold": 0.3,
+        **spec,
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def last_values(folder: Path) -> dict[str, float]:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: events.Scalars(tag)[-1].value for tag in ("val/acc", "test/acc")} | {
+        "best": max(e.value for e in events.Scalars("val/acc"))
+    }
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "compare").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_provided_comparison_loads(path):
+    comparison = compare.Comparison.load(path, {})
+    assert comparison.runs() and all(run.config.is_file() for run in comparison.runs())
+    assert len({run.folder(Path("out")) for run in comparison.runs()}) == len(comparison.runs())
+
+
+def test_d2l_comparison_is_three_norms_by_three_seeds_with_the_books_settings():
+    comparison = compare.Comparison.load(CONFIGS / "compare" / "d2l.yaml", {})
+    assert [c.stem for c in comparison.configs] == ["lenet_no_bn", "lenet_bn_scratch", "lenet_bn_torch"]
+    assert len(comparison.seeds) == 3 and not comparison.grid and not comparison.args
+
+
+def test_matrix_runs_every_config_grid_point_and_seed(tmp_path):
+    path = write_comparison(tmp_path, tmp_path, grid={"model.optimizer.init_args.lr": [0.1, 1.0]})
+    runs = compare.Comparison.load(path, {}).runs()
+    assert [(r.group, r.seed) for r in runs] == [
+        (f"{config}-lr={lr}", seed) for config in ("lenet_no_bn", "lenet_bn_scratch") for lr in (0.1, 1.0) for seed in (0, 1)
+    ]
+    command = compare.fit_command(runs[0], compare.Comparison.load(path, {}), tmp_path / "out")
+    assert command[2:6] == ["bn_lightning", "fit", "--config", str(CONFIGS / "lenet_no_bn.yaml")]
+    assert {"--model.optimizer.init_args.lr=0.1", "--seed_everything=0", "--trainer.logger.init_args.version=seed_0",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}", "--trainer.logger.init_args.name=lenet_no_bn-lr=0.1",
+            "--trainer.max_epochs=2"} <= set(command)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"epochs": 3}, r"unknown key\(s\) \['epochs'\]"),
+    ({"seeds": []}, "'seeds' must list at least one entry"),
+    ({"configs": ["no_such_config.yaml"]}, "config\\(s\\) not found: .*no_such_config.yaml"),
+    ({"grid": {"data.batch_size": []}}, r"grid axis/axes \['data.batch_size'\] must each list at least one value"),
+])
+def test_a_bad_comparison_file_is_refused_with_what_to_fix(tmp_path, spec, message):
+    with pytest.raises(ValueError, match=message):
+        compare.Comparison.load(write_comparison(tmp_path, tmp_path, **spec), {})
+
+
+def test_the_command_line_refuses_bad_arguments_before_running_anything(tmp_path, capsys):
+    path = write_comparison(tmp_path, tmp_path, seeds=[])
+    with pytest.raises(SystemExit):
+        compare.main([str(path), "--out", str(tmp_path / "out")])
+    assert "'seeds' must list at least one entry" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main([str(write_comparison(tmp_path, tmp_path)), "--set", "data.batch_size"])
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_runs_in_parallel_tabulates_from_the_events_and_resumes_only_what_is_unfinished(tiny_data, tmp_path):
+    path, out = write_comparison(tmp_path, tiny_data), tmp_path / "out"
+    assert compare.main([str(path), "--out", str(out), "--workers", "2"]) == 0
+
+    runs = compare.Comparison.load(path, {}).runs()
+    per_run = read_csv(out / "runs.csv")
+    assert [(row["group"], int(row["seed"])) for row in per_run] == [(run.group, run.seed) for run in runs]
+    for row, run in zip(per_run, runs):
+        logged = last_values(run.folder(out))
+        assert float(row["final_val_acc"]) == pytest.approx(logged["val/acc"])
+        assert float(row["test_acc"]) == pytest.approx(logged["test/acc"])
+        assert float(row["best_val_acc"]) == pytest.approx(logged["best"])
+        assert float(row["seconds_per_epoch"]) > 0
+
+    summary = {row["group"]: row for row in read_csv(out / "results.csv")}
+    assert list(summary) == ["lenet_no_bn", "lenet_bn_scratch"]
+    for group, row in summary.items():
+        finals = [float(r["final_val_acc"]) for r in per_run if r["group"] == group]
+        assert float(row["final_val_acc_mean"]) == pytest.approx(statistics.fmean(finals))
+        assert float(row["final_val_acc_std"]) == pytest.approx(statistics.stdev(finals))
+        assert int(row["seeds"]) == 2
+    table = (out / "results.md").read_text()
+    assert "| lenet_bn_scratch | 2 | " in table and "step to val acc ≥ 0.3" in table
+    for plot in ("val_acc.png", "percentiles.png"):
+        assert matplotlib.image.imread(out / plot).shape[0] > 100
+
+    # Half-finished: one run lost its result (killed before the end), another never started.
+    unfinished, untouched = runs[1].folder(out), runs[2].folder(out)
+    (unfinished / compare.RESULT_FILE).unlink()
+    stale_events = sorted(unfinished.glob("events.out.tfevents.*"))
+    finished_before = {run: (run.folder(out) / compare.RESULT_FILE).stat().st_mtime_ns for run in runs if run != runs[1]}
+    assert compare.main([str(path), "--out", str(out)]) == 0
+    assert {run: (run.folder(out) / compare.RESULT_FILE).stat().st_mtime_ns for run in finished_before} == finished_before
+    events = sorted(unfinished.glob("events.out.tfevents.*"))
+    assert len(events) == len(stale_events) and not set(events) & set(stale_events)  # rerun afresh, stale files gone
+    assert untouched.exists()
+
+
+def test_a_failing_run_is_reported_and_the_others_still_finish(tiny_data, tmp_path, capsys):
+    path = write_comparison(tmp_path, tiny_data, seeds=[0], grid={"model.net.init_args.norm": ["none", "bogus"]},
+                            configs=[str(CONFIGS / "lenet_no_bn.yaml")])
+    assert compare.main([str(path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "lenet_no_bn-norm=bogus seed 0 failed" in err and "fit.log" in err and "run the same command again" in err
+    assert [row["group"] for row in read_csv(tmp_path / "out" / "results.csv")] == ["lenet_no_bn-norm=none"]
+
+
+@needs_real_data
+def test_quick_comparison_on_the_real_data_shows_bn_learning_faster(tmp_path):
+    out = tmp_path / "quick"
+    assert compare.main([str(CONFIGS / "compare" / "quick.yaml"), "--out", str(out), "--workers", "2",
+                         "--set", f"data.data_dir={SHARED_DATA}"]) == 0
+    summary = {row["group"]: row for row in read_csv(out / "results.csv")}
+    assert list(summary) == ["lenet_no_bn", "lenet_bn_scratch", "lenet_bn_torch"]
+    # Same seeds, same numbers: our BN and torch's train the same network.
+    assert float(summary["lenet_bn_scratch"]["test_acc_mean"]) == pytest.approx(float(summary["lenet_bn_torch"]["test_acc_mean"]), abs=2e-3)
+    assert float(summary["lenet_bn_scratch"]["final_val_acc_mean"]) > float(summary["lenet_no_bn"]["final_val_acc_mean"]) + 0.2
+    assert int(summary["lenet_bn_torch"]["reached_threshold"]) == 2
+    assert not math.isnan(float(summary["lenet_bn_torch"]["step_to_threshold_mean"]))
