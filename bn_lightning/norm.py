@@ -12,7 +12,7 @@ and keeps running estimates for evaluation, updated without autograd history::
     running_var  = (1 - momentum) * running_var  + momentum * var * M / (M - 1)   # unbiased
 
 with ``momentum=None`` meaning the cumulative average ``1 / num_batches_tracked``.
-The backward is written out in :class:`_NormalizeAffine` (Ioffe & Szegedy 2015, section 3).
+The forward and the backward are written out in :class:`_BatchNormFunction` (Ioffe & Szegedy 2015, section 3).
 """
 
 from __future__ import annotations
