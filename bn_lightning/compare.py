@@ -7,8 +7,8 @@ values), ``args`` for every run and the val-accuracy ``threshold`` to report. Ea
 ``python -m bn_lightning fit`` process logging to ``<out>/<group>/seed_<s>/``, where ``out`` is
 ``lightning_logs/compare/<name>`` and a group is a config with its grid values. A run that finished
 leaves ``result.json``; running the same comparison again skips those runs and starts the others
-afresh, so a half-finished matrix resumes. The results are read back from the TensorBoard events
-(with TensorBoard's own reader) into ``<out>/runs.csv`` (one row per run), ``results.csv`` and
+afresh, so a half-finished matrix resumes. The figures of every run are read from its TensorBoard
+events (with TensorBoard's own reader) into ``<out>/runs.csv`` (one row per run), ``results.csv`` and
 ``results.md`` (mean and std over seeds per group), ``val_acc.png`` (validation accuracy, mean and
 band over seeds, per group) and ``percentiles.png`` (15th/50th/85th percentiles of one sigmoid
 input over training, per group: Ioffe & Szegedy's Figure 1).
@@ -36,6 +36,8 @@ from tqdm import tqdm
 
 PERCENTILES = (15, 50, 85)
 RESULT_FILE = "result.json"
+FIGURES = ("final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch", "bn_mean_gap")
+GAP_LOGS = 5  # bn_mean_gap averages a run's last this many logs
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ def read_run(folder: Path, comparison: Comparison) -> dict:
     epoch_ends = [e.wall_time for e in events.Scalars("train/acc_epoch")]
     starts = [events.FirstEventTimestamp(), *epoch_ends[:-1]]
     reached = [step for step, value in val if value >= comparison.threshold]
+    gaps = [series(tag)[-GAP_LOGS:] for tag in events.Tags()["scalars"] if tag.startswith("bn/") and tag.endswith("/mean_gap")]
     layer = comparison.percentile_layer
     return {
         "final_val_acc": val[-1][1],
@@ -151,6 +154,8 @@ def read_run(folder: Path, comparison: Comparison) -> dict:
         "best_val_acc": max(value for _, value in val),
         "step_to_threshold": reached[0] if reached else None,
         "seconds_per_epoch": statistics.median(end - start for start, end in zip(starts, epoch_ends)),
+        # How far batch means sit from the running means evaluation uses: noise that grows as batches shrink.
+        "bn_mean_gap": statistics.fmean(value for gap in gaps for _, value in gap) if gaps else math.nan,
         "val_acc": val,
         "percentiles": {f"p{p}": series(f"act/{layer}/unit/p{p}") for p in PERCENTILES},
     }
@@ -172,7 +177,7 @@ def summarize(comparison: Comparison, results: dict[Run, dict]) -> list[dict]:
     rows = []
     for group, runs in groups.items():
         row = {"group": group, "seeds": len(runs)}
-        for figure in ("final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch"):
+        for figure in FIGURES:
             row[f"{figure}_mean"], row[f"{figure}_std"] = mean_std([r[figure] for r in runs])
         row["reached_threshold"] = sum(r["step_to_threshold"] is not None for r in runs)
         rows.append(row)
@@ -188,8 +193,8 @@ def _pm(mean: float, std: float, digits: int) -> str:
 def markdown(comparison: Comparison, rows: list[dict]) -> str:
     threshold = f"step to val acc ≥ {comparison.threshold:g}"
     lines = [
-        f"| run | seeds | final val acc | test acc | best val acc | {threshold} | s/epoch |",
-        "|---|---|---|---|---|---|---|",
+        f"| run | seeds | final val acc | test acc | best val acc | {threshold} | s/epoch | BN \\|batch - running mean\\| |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         reached = _pm(row["step_to_threshold_mean"], row["step_to_threshold_std"], 0)
@@ -198,7 +203,8 @@ def markdown(comparison: Comparison, rows: list[dict]) -> str:
         lines.append(
             f"| {row['group']} | {row['seeds']} | {_pm(row['final_val_acc_mean'], row['final_val_acc_std'], 4)} "
             f"| {_pm(row['test_acc_mean'], row['test_acc_std'], 4)} | {_pm(row['best_val_acc_mean'], row['best_val_acc_std'], 4)} "
-            f"| {reached} | {_pm(row['seconds_per_epoch_mean'], row['seconds_per_epoch_std'], 2)} |"
+            f"| {reached} | {_pm(row['seconds_per_epoch_mean'], row['seconds_per_epoch_std'], 2)} "
+            f"| {_pm(row['bn_mean_gap_mean'], row['bn_mean_gap_std'], 3)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -206,11 +212,10 @@ def markdown(comparison: Comparison, rows: list[dict]) -> str:
 def write_tables(comparison: Comparison, results: dict[Run, dict], out: Path) -> list[dict]:
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        figures = ["final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch"]
-        writer.writerow(["group", "seed", *figures])
+        writer.writerow(["group", "seed", *FIGURES])
         for run in comparison.runs():
             if run in results:
-                writer.writerow([run.group, run.seed, *(results[run][figure] for figure in figures)])
+                writer.writerow([run.group, run.seed, *(results[run][figure] for figure in FIGURES)])
     rows = summarize(comparison, results)
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -277,9 +282,8 @@ def compare(comparison: Comparison, out: Path, workers: int = 1) -> tuple[list[d
     results: dict[Run, dict] = {}
     todo = []
     for run in comparison.runs():
-        done = run.folder(out) / RESULT_FILE
-        if done.exists():
-            results[run] = json.loads(done.read_text())
+        if (run.folder(out) / RESULT_FILE).exists():  # finished: its figures are read afresh from its events
+            results[run] = read_run(run.folder(out), comparison)
         else:
             todo.append(run)
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -298,8 +302,6 @@ def compare(comparison: Comparison, out: Path, workers: int = 1) -> tuple[list[d
                 progress.update()
     if not results:
         return [], failures
-    # Back to JSON's types, so fresh and resumed results tabulate alike.
-    results = {run: json.loads(json.dumps(result)) for run, result in results.items()}
     rows = write_tables(comparison, results, out)
     write_plots(comparison, results, out)
     return rows, failures

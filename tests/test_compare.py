@@ -104,6 +104,13 @@ def test_runs_in_parallel_tabulates_from_the_events_and_resumes_only_what_is_unf
         assert float(row["test_acc"]) == pytest.approx(logged["test/acc"])
         assert float(row["best_val_acc"]) == pytest.approx(logged["best"])
         assert float(row["seconds_per_epoch"]) > 0
+        if run.config.stem == "lenet_no_bn":
+            assert row["bn_mean_gap"] == "nan"
+        else:
+            events = EventAccumulator(str(run.folder(out)), size_guidance={"scalars": 0})
+            events.Reload()
+            gaps = [e.value for tag in events.Tags()["scalars"] if tag.endswith("/mean_gap") for e in events.Scalars(tag)]
+            assert len(gaps) == 4 and float(row["bn_mean_gap"]) == pytest.approx(statistics.fmean(gaps))
 
     summary = {row["group"]: row for row in read_csv(out / "results.csv")}
     assert list(summary) == ["lenet_no_bn", "lenet_bn_scratch"]
