@@ -40,17 +40,30 @@ def _reduce_dims(ndim: int) -> list[int]:
     return [0, *range(2, ndim)]
 
 
-def _channel_dot(a: Tensor, b: Tensor) -> Tensor:
-    """Per-channel ``sum(a * b)`` over every other dimension, without materializing ``a * b``.
+def _rows(t: Tensor) -> Tensor | None:
+    """A contiguous ``(N, C, *spatial)`` tensor as ``(N, C, L)`` rows, or None when it has no such view."""
+    if t.dim() > 2 and t.is_contiguous() and t.numel() > 0:
+        return t.view(t.shape[0], t.shape[1], -1)
+    return None
 
-    One batched dot product per (sample, channel) row, then a sum over the samples: a single
-    read of each input, where ``(a * b).sum(dims)`` would write and read a full temporary.
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """Per-channel sum over every other dimension.
+
+    On a contiguous feature map it sums each (sample, channel) row, then the rows: inner,
+    vectorized reductions, an order of magnitude faster on the CPU than reducing over
+    ``(0, 2, 3)`` at once.
     """
-    n, c = a.shape[:2]
-    if a.dim() == 2:
-        return torch.bmm(a.t().unsqueeze(1), b.t().unsqueeze(2)).view(c)
-    length = math.prod(a.shape[2:])
-    return torch.bmm(a.reshape(n * c, 1, length), b.reshape(n * c, length, 1)).view(n, c).sum(0)
+    rows = _rows(t)
+    return t.sum(_reduce_dims(t.dim())) if rows is None else rows.sum(2).sum(0)
+
+
+def _channel_sum_of_squares(t: Tensor) -> Tensor:
+    """Per-channel ``sum(t * t)`` without materializing ``t * t``: squared vector norms of the rows."""
+    rows = _rows(t)
+    if rows is None:
+        return torch.linalg.vector_norm(t, dim=_reduce_dims(t.dim())).square()
+    return torch.linalg.vector_norm(rows, dim=2).square().sum(0)
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -69,9 +82,9 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps):
         ndim, count = x.dim(), _values_per_channel(x)
         if use_batch_stats and count > 0:
-            mean = x.mean(_reduce_dims(ndim))
+            mean = _channel_sum(x) / count
             out = x - _channel_view(mean, ndim)  # centred in place of the output, then scaled
-            var = _channel_dot(out, out) / count
+            var = _channel_sum_of_squares(out) / count
             invstd = torch.rsqrt(var + eps)
             out.mul_(_channel_view(invstd if weight is None else invstd * weight, ndim))
             if bias is not None:
@@ -89,7 +102,9 @@ class _BatchNormFunction(torch.autograd.Function):
             invstd = torch.rsqrt(var + eps)
             scale = invstd if weight is None else invstd * weight
             shift = -mean * scale if bias is None else bias - mean * scale
-            out = torch.addcmul(_channel_view(shift, ndim), x, _channel_view(scale, ndim))
+            # x * scale, then + shift in place: on the CPU twice as fast as an addcmul whose first
+            # operand is the broadcast per-channel shift.
+            out = (x * _channel_view(scale, ndim)).add_(_channel_view(shift, ndim))
         ctx.save_for_backward(x, mean, invstd, weight)
         ctx.use_batch_stats = use_batch_stats
         return out
@@ -102,10 +117,13 @@ class _BatchNormFunction(torch.autograd.Function):
         through_stats = need_x and ctx.use_batch_stats
         grad_x = grad_w = grad_b = None
 
-        # The backward's only reductions: sum(dy) and sum(dy * (x - mean)) per channel.
-        sum_dy = grad_out.sum(_reduce_dims(ndim))
+        # The backward's only reductions: sum(dy) and sum(dy * (x - mean)) per channel. The
+        # product dy * x is written into the buffer that then becomes grad_x: one full-size
+        # allocation, as in torch's own kernel.
+        sum_dy = _channel_sum(grad_out)
         if need_w or through_stats:
-            sum_dy_xmu = _channel_dot(grad_out, x) - mean * sum_dy
+            buffer = grad_out * x
+            sum_dy_xmu = _channel_sum(buffer) - mean * sum_dy
         if need_w:
             grad_w = sum_dy_xmu * invstd
         if need_b:
@@ -116,8 +134,8 @@ class _BatchNormFunction(torch.autograd.Function):
                 # dx = gain * dy + coef * x + offset, with per-channel coef and offset.
                 coef = -gain * invstd * invstd * sum_dy_xmu / count
                 offset = -gain * sum_dy / count - coef * mean
-                grad_x = torch.addcmul(_channel_view(offset, ndim), x, _channel_view(coef, ndim))
-                grad_x.addcmul_(grad_out, _channel_view(gain, ndim))
+                grad_x = torch.mul(x, _channel_view(coef, ndim), out=buffer)
+                grad_x.add_(_channel_view(offset, ndim)).addcmul_(grad_out, _channel_view(gain, ndim))
             else:
                 grad_x = grad_out * _channel_view(gain, ndim)
         return grad_x, grad_w, grad_b, None, None, None, None, None
