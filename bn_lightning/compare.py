@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tqdm import tqdm
 
@@ -168,14 +169,19 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-def summarize(comparison: Comparison, results: dict[Run, dict]) -> list[dict]:
-    """Per group: mean and std over its seeds of every figure, and how many seeds reached the threshold."""
+def by_group(comparison: Comparison, results: dict[Run, dict]) -> dict[str, list[dict]]:
+    """The results of each group's finished seeds, groups and seeds in the matrix's order."""
     groups: dict[str, list[dict]] = {}
     for run in comparison.runs():
         if run in results:
             groups.setdefault(run.group, []).append(results[run])
+    return groups
+
+
+def summarize(comparison: Comparison, results: dict[Run, dict]) -> list[dict]:
+    """Per group: mean and std over its seeds of every figure, and how many seeds reached the threshold."""
     rows = []
-    for group, runs in groups.items():
+    for group, runs in by_group(comparison, results).items():
         row = {"group": group, "seeds": len(runs)}
         for figure in FIGURES:
             row[f"{figure}_mean"], row[f"{figure}_std"] = mean_std([r[figure] for r in runs])
@@ -225,18 +231,10 @@ def write_tables(comparison: Comparison, results: dict[Run, dict], out: Path) ->
     return rows
 
 
-def write_plots(comparison: Comparison, results: dict[Run, dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    groups: dict[str, list[dict]] = {}
-    for run in comparison.runs():
-        if run in results:
-            groups.setdefault(run.group, []).append(results[run])
-
-    figure, axes = plt.subplots(figsize=(8, 5))
+def val_acc_figure(comparison: Comparison, groups: dict[str, list[dict]]) -> Figure:
+    """Validation accuracy over training per group: the mean over seeds and their min-max band."""
+    figure = Figure(figsize=(8, 5), layout="tight")
+    axes = figure.subplots()
     for group, runs in groups.items():
         steps = [step for step, _ in runs[0]["val_acc"]]
         curves = [[value for _, value in run["val_acc"]] for run in runs if len(run["val_acc"]) == len(steps)]
@@ -249,16 +247,19 @@ def write_plots(comparison: Comparison, results: dict[Run, dict], out: Path) -> 
              title=f"{comparison.name}: validation accuracy, mean and min-max over seeds")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out / "val_acc.png", dpi=120)
-    plt.close(figure)
+    return figure
 
+
+def percentiles_figure(comparison: Comparison, groups: dict[str, list[dict]]) -> Figure | None:
+    """Per group, the first seed's 15th/50th/85th percentiles of one sigmoid input over training
+    (Ioffe & Szegedy's Figure 1); None when no run logged them."""
     with_bands = {group: runs[0]["percentiles"] for group, runs in groups.items() if runs[0]["percentiles"]["p50"]}
     if not with_bands:
-        return
+        return None
     columns = min(3, len(with_bands))
     rows = math.ceil(len(with_bands) / columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.2 * rows), sharey=True, squeeze=False)
+    figure = Figure(figsize=(4.5 * columns, 3.2 * rows), layout="tight")
+    grid = figure.subplots(rows, columns, sharey=True, squeeze=False)
     for axes, (group, bands) in zip(grid.flat, with_bands.items()):
         steps = [step for step, _ in bands["p50"]]
         low, mid, high = ([value for _, value in bands[f"p{p}"]] for p in PERCENTILES)
@@ -271,9 +272,14 @@ def write_plots(comparison: Comparison, results: dict[Run, dict], out: Path) -> 
     grid[0, 0].set_ylabel(f"input of one {comparison.percentile_layer} sigmoid")
     grid[0, 0].legend(fontsize="small")
     figure.suptitle(f"{comparison.name}: one sigmoid input over training (first seed), as in Ioffe & Szegedy's Figure 1")
-    figure.tight_layout()
-    figure.savefig(out / "percentiles.png", dpi=120)
-    plt.close(figure)
+    return figure
+
+
+def write_plots(comparison: Comparison, results: dict[Run, dict], out: Path) -> None:
+    groups = by_group(comparison, results)
+    val_acc_figure(comparison, groups).savefig(out / "val_acc.png", dpi=120)
+    if (bands := percentiles_figure(comparison, groups)) is not None:
+        bands.savefig(out / "percentiles.png", dpi=120)
 
 
 def compare(comparison: Comparison, out: Path, workers: int = 1) -> tuple[list[dict], list[str]]:

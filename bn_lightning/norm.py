@@ -120,7 +120,8 @@ class _BatchNormFunction(torch.autograd.Function):
         # The backward's only reductions: sum(dy) and sum(dy * (x - mean)) per channel. The
         # product dy * x is written into the buffer that then becomes grad_x: one full-size
         # allocation, as in torch's own kernel.
-        sum_dy = _channel_sum(grad_out)
+        if need_w or need_b or through_stats:
+            sum_dy = _channel_sum(grad_out)
         if need_w or through_stats:
             buffer = grad_out * x
             sum_dy_xmu = _channel_sum(buffer) - mean * sum_dy
