@@ -15,6 +15,16 @@ needs_real_data = pytest.mark.skipif(
     reason=f"real Fashion-MNIST not found under {SHARED_DATA}",
 )
 
+# Notebooks that train on the real data (nbmake runs them as tests): skipped like the tests above.
+NOTEBOOKS_NEEDING_REAL_DATA = {"03_comparing_runs.ipynb"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the notebooks that need the real data, which live outside tests/, as needs_real_data does."""
+    for item in items:
+        if item.path.name in NOTEBOOKS_NEEDING_REAL_DATA:
+            item.add_marker(needs_real_data)
+
 
 def write_idx(path: Path, data: torch.Tensor) -> None:
     """Write a uint8 tensor in the IDX format (the one torchvision's parser reads)."""
