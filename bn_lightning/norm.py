@@ -59,11 +59,26 @@ def _channel_sum(t: Tensor) -> Tensor:
 
 
 def _channel_sum_of_squares(t: Tensor) -> Tensor:
-    """Per-channel ``sum(t * t)`` without materializing ``t * t``: squared vector norms of the rows."""
+    """Per-channel ``sum(t * t)``: squared vector norms of the rows, a dot product per column of a
+    ``(N, C)`` batch (on the CPU a column norm costs five times a column dot product)."""
     rows = _rows(t)
-    if rows is None:
-        return torch.linalg.vector_norm(t, dim=_reduce_dims(t.dim())).square()
-    return torch.linalg.vector_norm(rows, dim=2).square().sum(0)
+    if rows is not None:
+        return torch.linalg.vector_norm(rows, dim=2).square().sum(0)
+    if t.dim() == 2:
+        return torch.linalg.vecdot(t, t, dim=0)
+    return torch.linalg.vector_norm(t, dim=_reduce_dims(t.dim())).square()
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    """Half-precision inputs are normalized in float32, as torch's kernels do under autocast."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def _sum_over_processes(group, *values: Tensor) -> list[Tensor]:
+    """Sum per-channel vectors over the processes of ``group`` in one all-reduce."""
+    flat = torch.cat(values)
+    torch.distributed.all_reduce(flat, group=group)
+    return list(flat.split([v.numel() for v in values]))
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -76,70 +91,89 @@ class _BatchNormFunction(torch.autograd.Function):
 
     Eval with running buffers normalizes with those constants. Only ``x``, the per-channel
     mean and invstd, and gamma are saved; ``x_hat`` is never stored as a second full tensor.
+
+    With a ``process_group`` the batch is the union of every process's batch: the per-channel
+    sums (and counts, which may differ) are summed over the group before the statistics are
+    taken, and the backward sums its two per-channel reductions the same way. Gamma and beta
+    get this process's share of their gradient; DDP sums the shares as it does for any weight.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, process_group):
         ndim, count = x.dim(), _values_per_channel(x)
+        xs = x.to(_stats_dtype(x))
+        if use_batch_stats:
+            total = _channel_sum(xs)
+            if process_group is not None:
+                total, global_count = _sum_over_processes(process_group, total, total.new_tensor([count]))
+                count = int(global_count.item())
+                if count == 1:
+                    raise ValueError("Expected more than 1 value per channel when training, got 1 over all processes")
         if use_batch_stats and count > 0:
-            mean = _channel_sum(x) / count
-            out = x - _channel_view(mean, ndim)  # centred in place of the output, then scaled
-            var = _channel_sum_of_squares(out) / count
-            invstd = torch.rsqrt(var + eps)
+            mean = total / count
+            out = xs - _channel_view(mean, ndim)  # centred in place of the output, then scaled
+            sum_of_squares = _channel_sum_of_squares(out)
+            if process_group is not None:
+                (sum_of_squares,) = _sum_over_processes(process_group, sum_of_squares)
+            invstd = torch.rsqrt(sum_of_squares / count + eps)
             out.mul_(_channel_view(invstd if weight is None else invstd * weight, ndim))
             if bias is not None:
                 out.add_(_channel_view(bias, ndim))
             if running_mean is not None and running_var is not None:
                 running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+                running_var.lerp_((sum_of_squares / (count - 1)).to(running_var.dtype), momentum)
         else:
             if use_batch_stats:
                 # An empty batch has no statistics: placeholders keep the (empty) output and the
                 # zero parameter gradients free of NaN, and the running buffers stay as they are.
-                mean, var = x.new_zeros(x.shape[1]), x.new_ones(x.shape[1])
+                mean, var = xs.new_zeros(x.shape[1]), xs.new_ones(x.shape[1])
             else:
-                mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
+                mean, var = running_mean.to(xs.dtype), running_var.to(xs.dtype)
             invstd = torch.rsqrt(var + eps)
             scale = invstd if weight is None else invstd * weight
             shift = -mean * scale if bias is None else bias - mean * scale
             # x * scale, then + shift in place: on the CPU twice as fast as an addcmul whose first
             # operand is the broadcast per-channel shift.
-            out = (x * _channel_view(scale, ndim)).add_(_channel_view(shift, ndim))
+            out = (xs * _channel_view(scale, ndim)).add_(_channel_view(shift, ndim))
         ctx.save_for_backward(x, mean, invstd, weight)
-        ctx.use_batch_stats = use_batch_stats
-        return out
+        ctx.use_batch_stats, ctx.count, ctx.process_group = use_batch_stats, count, process_group
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, mean, invstd, weight = ctx.saved_tensors
-        ndim, count = x.dim(), _values_per_channel(x)
+        ndim, count, group = x.dim(), ctx.count, ctx.process_group
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         through_stats = need_x and ctx.use_batch_stats
         grad_x = grad_w = grad_b = None
+        dy, xs = grad_out.to(mean.dtype), x.to(mean.dtype)
 
         # The backward's only reductions: sum(dy) and sum(dy * (x - mean)) per channel. The
         # product dy * x is written into the buffer that then becomes grad_x: one full-size
-        # allocation, as in torch's own kernel.
+        # allocation, as in torch's own kernel. A process with no samples still joins the sum.
         if need_w or need_b or through_stats:
-            sum_dy = _channel_sum(grad_out)
+            sum_dy = _channel_sum(dy)
         if need_w or through_stats:
-            buffer = grad_out * x
+            buffer = dy * xs
             sum_dy_xmu = _channel_sum(buffer) - mean * sum_dy
         if need_w:
             grad_w = sum_dy_xmu * invstd
         if need_b:
             grad_b = sum_dy
+        if through_stats and group is not None:
+            sum_dy, sum_dy_xmu = _sum_over_processes(group, sum_dy, sum_dy_xmu)
         if need_x:
             gain = invstd if weight is None else invstd * weight
-            if through_stats:
+            if through_stats and count > 0:
                 # dx = gain * dy + coef * x + offset, with per-channel coef and offset.
                 coef = -gain * invstd * invstd * sum_dy_xmu / count
                 offset = -gain * sum_dy / count - coef * mean
-                grad_x = torch.mul(x, _channel_view(coef, ndim), out=buffer)
-                grad_x.add_(_channel_view(offset, ndim)).addcmul_(grad_out, _channel_view(gain, ndim))
+                grad_x = torch.mul(xs, _channel_view(coef, ndim), out=buffer)
+                grad_x.add_(_channel_view(offset, ndim)).addcmul_(dy, _channel_view(gain, ndim))
             else:
-                grad_x = grad_out * _channel_view(gain, ndim)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+                grad_x = dy * _channel_view(gain, ndim)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 def _check_channels(x: Tensor, name: str, t: Tensor | None) -> None:
@@ -156,17 +190,19 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> Tensor:
     """Functional twin of :func:`torch.nn.functional.batch_norm`.
 
     With ``training`` the batch statistics normalize ``input`` and, when running buffers
     are given, update them in place under ``no_grad`` (the unbiased variance goes into
-    ``running_var``). Without it the running buffers normalize.
+    ``running_var``). Without it the running buffers normalize. With a ``process_group``
+    the batch statistics are those of the whole group's batch (see :class:`_BatchNormFunction`).
     """
     if input.dim() < 2:
         raise ValueError(f"batch_norm expects input of at least 2 dimensions (N, C, ...), got {input.dim()}D")
     count = _values_per_channel(input)
-    if training and count == 1:
+    if training and count == 1 and process_group is None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
     if training and eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -180,7 +216,8 @@ def batch_norm(
     # Batch statistics in training, and in eval when there are no buffers to normalize with;
     # the buffers are updated only when batch statistics are taken and both are given.
     use_batch_stats = training or running_mean is None or running_var is None
-    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps)
+    group = process_group if use_batch_stats else None
+    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, group)
 
 
 class _BatchNorm(nn.Module):
@@ -206,6 +243,8 @@ class _BatchNorm(nn.Module):
         dtype=None,
         *,
         bias: bool = True,
+        sync: bool = False,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -214,6 +253,10 @@ class _BatchNorm(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
+        # Under torch.distributed in training, take the statistics over the batches of every
+        # process of process_group (default: all), as torch.nn.SyncBatchNorm does.
+        self.sync = sync
+        self.process_group = process_group
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
             if bias:
@@ -254,6 +297,7 @@ class _BatchNorm(nn.Module):
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+            + (", sync=True" if self.sync else "")
         )
 
     def _load_from_state_dict(
@@ -288,7 +332,16 @@ class _BatchNorm(nn.Module):
             use_batch_stats,
             factor,
             self.eps,
+            self._sync_group(),
         )
+
+    def _sync_group(self) -> torch.distributed.ProcessGroup | None:
+        """The group whose joint batch gives the statistics, or None for this process's batch alone."""
+        dist = torch.distributed
+        if not (self.sync and self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
 
 
 class BatchNorm1d(_BatchNorm):

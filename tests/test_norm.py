@@ -74,9 +74,13 @@ def test_training_then_eval_matches_torch(pair, opts, dtype):
         ours.train(), theirs.train()
 
 
-def test_constructor_is_torchs():
+def test_constructor_is_torchs_plus_keyword_only_sync():
     for ours, theirs in PAIRS:
-        assert inspect.signature(ours.__init__, eval_str=True) == inspect.signature(theirs.__init__)
+        params = dict(inspect.signature(ours.__init__, eval_str=True).parameters)
+        sync, group = params.pop("sync"), params.pop("process_group")
+        assert list(params.values()) == list(inspect.signature(theirs.__init__).parameters.values())
+        keyword_only = inspect.Parameter.KEYWORD_ONLY
+        assert (sync.kind, sync.default, group.kind, group.default) == (keyword_only, False, keyword_only, None)
         assert repr(ours(7, momentum=None, bias=False)) == repr(theirs(7, momentum=None, bias=False))
 
 
