@@ -7,6 +7,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from bn_lightning.data import FashionMNISTDataModule
 from bn_lightning.module import Classifier
+from bn_lightning.sync import BatchNormSync
 
 
 class BNLightningCLI(LightningCLI):
@@ -30,6 +31,14 @@ class BNLightningCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+
+    def instantiate_trainer(self, **kwargs):
+        """``trainer.sync_batchnorm: true`` synchronizes our BN as well as torch's (BatchNormSync)."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("sync_batchnorm") and "plugins" not in kwargs:
+            plugins = trainer.get("plugins") or []
+            kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), BatchNormSync()]
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit or self.trainer.interrupted:

@@ -217,7 +217,12 @@ def batch_norm(
     # the buffers are updated only when batch statistics are taken and both are given.
     use_batch_stats = training or running_mean is None or running_var is None
     group = process_group if use_batch_stats else None
-    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, group)
+    args = (input, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, group)
+    if torch.is_autocast_enabled(input.device.type):
+        # Autocast would run the statistics' dot products in half precision; they stay in float32.
+        with torch.autocast(input.device.type, enabled=False):
+            return _BatchNormFunction.apply(*args)
+    return _BatchNormFunction.apply(*args)
 
 
 class _BatchNorm(nn.Module):

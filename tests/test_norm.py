@@ -256,3 +256,35 @@ def test_buffers_follow_the_module_across_dtypes():
     layer = norm.BatchNorm1d(3).double()
     assert layer.running_mean.dtype == torch.float64 and layer.num_batches_tracked.dtype == torch.long
     assert {name for name, _ in layer.named_buffers()} == {"running_mean", "running_var", "num_batches_tracked"}
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pair", PAIRS[:2], ids=lambda p: p[0].__name__)
+def test_half_precision_autocast_matches_torch(pair, autocast_dtype):
+    """Under CPU autocast a conv or linear hands BN a half-precision batch: both layers keep
+    float32 parameters and statistics, answer in the input's precision, and agree."""
+    ours, theirs = twins(*pair, torch.float32)
+    affine = nn.Conv2d(3, 5, 3) if pair[1] is nn.BatchNorm2d else nn.Linear(3, 5)
+    inputs = torch.randn(16, 3, 9, 9) if pair[1] is nn.BatchNorm2d else torch.randn(16, 3)
+    for step in range(3):
+        grad_out = torch.randn_like(affine(inputs))
+        outputs = []
+        for layer in (ours, theirs):
+            with torch.autocast("cpu", dtype=autocast_dtype):
+                h = affine(inputs * (1 + step) + step).detach().requires_grad_()
+                y = layer(h)
+            y.float().backward(grad_out)
+            outputs.append((y, h.grad, layer.weight.grad, layer.bias.grad))
+        (yo, dxo, dwo, dbo), (yt, dxt, dwt, dbt) = outputs
+        assert h.dtype == yo.dtype == yt.dtype == dxo.dtype == autocast_dtype
+        # Both compute in float32 and round once; summation order may move a value by an ulp or two.
+        half = dict(rtol=2 * torch.finfo(autocast_dtype).eps, atol=torch.finfo(autocast_dtype).eps)
+        torch.testing.assert_close(yo, yt, **half)
+        torch.testing.assert_close(dxo, dxt, **half)
+        torch.testing.assert_close(dwo, dwt, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(dbo, dbt, rtol=1e-4, atol=1e-4)
+        for layer in (ours, theirs):
+            layer.weight.grad = layer.bias.grad = None
+        for key, value in theirs.state_dict().items():
+            assert ours.state_dict()[key].dtype == value.dtype
+            torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-5)

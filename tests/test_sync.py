@@ -1,4 +1,5 @@
-"""Synchronized from-scratch BN: 2 processes on gloo equal 1 process on the joint batch.
+"""Synchronized from-scratch BN: 2 processes on gloo equal 1 process on the joint batch, and a
+DDP fit through the CLI with ``sync_batchnorm`` synchronizes it.
 
 torch.nn.SyncBatchNorm refuses CPU tensors, so on this CPU the reference is what SyncBatchNorm
 is defined to compute: torch's BatchNorm on the batch of all processes together. Each process
@@ -7,13 +8,21 @@ gradients it gets back must be its slice of the reference's, its gamma/beta grad
 to the reference's (DDP does that sum), and its running statistics must be the reference's.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from bn_lightning import norm
+from conftest import REPO
 
 STEPS = 3
 
@@ -111,3 +120,40 @@ def test_without_a_process_group_sync_is_a_no_op():
     torch.testing.assert_close(synced(x), plain(x))
     torch.testing.assert_close(synced.running_var, plain.running_var)
     assert "sync=True" in repr(synced)
+
+
+class SaveRunningStats(Callback):
+    """Test-only: every rank saves its BN running statistics when fit ends, to compare the ranks."""
+
+    def on_fit_end(self, trainer, pl_module):
+        stats = {k: v for k, v in pl_module.state_dict().items() if ".running_" in k}
+        torch.save(stats, Path(os.environ["RUNNING_STATS_DIR"]) / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_fit_through_the_cli_syncs_our_bn_and_logs_and_checkpoints_once(tiny_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+           "RUNNING_STATS_DIR": str(tmp_path)}
+    args = ["fit", "--config", str(REPO / "configs" / "lenet_bn_scratch.yaml"), f"--data.data_dir={tiny_data}",
+            "--data.batch_size=32", "--data.val_size=40", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.strategy=ddp",
+            "--trainer.devices=2", "--trainer.sync_batchnorm=true", "--trainer.callbacks+=test_sync.SaveRunningStats"]
+    fit = subprocess.run([sys.executable, "-m", "bn_lightning", *args], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+
+    # Each rank saw its own half of every batch, so only synchronized statistics can agree exactly.
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert len(rank0) == 8 and rank0.keys() == rank1.keys()
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+
+    runs = list((tmp_path / "lightning_logs" / "lenet_bn_scratch").iterdir())
+    assert [r.name for r in runs] == ["version_0"]  # one run, written by rank zero only
+    checkpoints = sorted(p.name for p in (runs[0] / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and sum(name.startswith("best-epoch") for name in checkpoints) == 1
+    events = EventAccumulator(str(runs[0]), size_guidance={"scalars": 0})
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss_step")]
+    # 160 training images, 80 a rank in batches of 32: 3 steps an epoch, each logged once.
+    assert steps == sorted(set(steps)) and len(steps) == 6
+    assert len(events.Scalars("test/acc")) == 1
