@@ -1,0 +1,32 @@
+"""``Trainer(sync_batchnorm=True)`` for the from-scratch BN too.
+
+Lightning's default LayerSync converts torch's BatchNorm classes to ``torch.nn.SyncBatchNorm`` by
+type, so our layers would silently keep per-process statistics. This plugin switches on their
+``sync`` option as well (and still converts torch's layers as Lightning does).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+from torch.nn import Module
+
+from bn_lightning.norm import _BatchNorm
+
+
+class BatchNormSync(TorchSyncBatchNorm):
+    """``Trainer(sync_batchnorm=True, plugins=[BatchNormSync()])``; the CLI adds it by itself."""
+
+    def __init__(self) -> None:
+        self._switched: list[_BatchNorm] = []
+
+    def apply(self, model: Module) -> Module:
+        self._switched = [m for m in model.modules() if isinstance(m, _BatchNorm) and not m.sync]
+        for layer in self._switched:
+            layer.sync = True
+        return super().apply(model)
+
+    def revert(self, model: Module) -> Module:
+        for layer in self._switched:
+            layer.sync = False
+        self._switched = []
+        return super().revert(model)
