@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import struct
 from pathlib import Path
 
 import torch
@@ -22,6 +24,41 @@ CLASSES = FashionMNIST.classes
 
 class DataNotFoundError(FileNotFoundError):
     """The Fashion-MNIST files are not on disk and could not be downloaded."""
+
+
+class CorruptDataError(ValueError):
+    """A Fashion-MNIST file on disk is cut short or is not the file its name says: it must be replaced."""
+
+
+def _corrupt(path: Path, problem: str) -> CorruptDataError:
+    return CorruptDataError(
+        f"{path.resolve()} is not a valid Fashion-MNIST file: {problem}.\n"
+        f"It was probably cut short or damaged while downloading or copying. Fix it by deleting it and "
+        f"running again with download: true, or by copying a good copy over it."
+    )
+
+
+def _idx_length(path: Path, magic: int, item_shape: tuple[int, ...]) -> int:
+    """How many items an unsigned-byte IDX file holds, once its header agrees with its name and its size.
+
+    torchvision's parser fails on such files with a bare assert or reshape error, or reads a short
+    label file without complaint; its 8- or 16-byte header is checked first instead.
+    """
+    header_size = 4 * (2 + len(item_shape))
+    with open(path, "rb") as f:
+        header = f.read(header_size)
+    if len(header) < header_size:
+        raise _corrupt(path, f"it holds {len(header)} bytes, less than its {header_size}-byte header")
+    found, length, *shape = struct.unpack(f">{2 + len(item_shape)}i", header)
+    if found != magic:
+        kind = "images" if item_shape else "labels"
+        raise _corrupt(path, f"its magic number is {found}, not {magic} (IDX {kind} of unsigned bytes)")
+    if tuple(shape) != item_shape:
+        raise _corrupt(path, f"its items are {'x'.join(map(str, shape))}, not {'x'.join(map(str, item_shape))}")
+    expected, size = header_size + length * math.prod(item_shape), path.stat().st_size
+    if size != expected:
+        raise _corrupt(path, f"its header announces {length} items, {expected} bytes, but it holds {size} bytes")
+    return length
 
 
 class InMemoryImages(Dataset):
@@ -104,7 +141,11 @@ class FashionMNISTDataModule(LightningDataModule):
         for name in RAW_FILES:
             path = self.raw_dir / name
             if not path.exists() and path.with_suffix(".gz").exists():
-                extract_archive(str(path.with_suffix(".gz")), str(self.raw_dir))
+                try:
+                    extract_archive(str(path.with_suffix(".gz")), str(self.raw_dir))
+                except (OSError, EOFError) as err:  # a cut-short archive leaves a partial file behind
+                    path.unlink(missing_ok=True)
+                    raise _corrupt(path.with_suffix(".gz"), f"unpacking it failed ({err})") from err
             if not path.exists():
                 missing.append(name)
         return missing
@@ -129,7 +170,17 @@ class FashionMNISTDataModule(LightningDataModule):
         )
 
     def _images(self, train: bool) -> InMemoryImages:
+        prefix = "train" if train else "t10k"
+        images_path = self.raw_dir / f"{prefix}-images-idx3-ubyte"
+        labels_path = self.raw_dir / f"{prefix}-labels-idx1-ubyte"
+        n_images, n_labels = _idx_length(images_path, 2051, (28, 28)), _idx_length(labels_path, 2049, ())
+        if n_images != n_labels:
+            raise _corrupt(labels_path, f"it holds {n_labels} labels for the {n_images} images of {images_path.name} "
+                           "beside it (the two come from different copies)")
         source = FashionMNIST(str(self.data_dir), train=train, download=False)
+        if source.targets.numel() and source.targets.max() >= len(CLASSES):
+            index = int(source.targets.argmax())
+            raise _corrupt(labels_path, f"label {int(source.targets[index])} at index {index} is not a class 0..9")
         return InMemoryImages(source.data, source.targets, self.hparams.mean, self.hparams.std)
 
     def setup(self, stage: str) -> None:

@@ -13,6 +13,14 @@ from torchmetrics.classification import MulticlassAccuracy
 STAGES = ("train", "val", "test")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training diverged: a step's loss, or the weights it left, are NaN or infinite.
+
+    Raised before any checkpoint can hold those weights; the in-memory model is not worth
+    saving, and checkpoints written before this step are the last good ones.
+    """
+
+
 class Classifier(LightningModule):
     """Cross-entropy training of ``net`` with accuracy and loss tracked by torchmetrics.
 
@@ -51,7 +59,30 @@ class Classifier(LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        self._step_loss = loss.detach()  # checked with the weights it leads to, in optimizer_step
+        return loss
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Take the step, then stop if its loss or the weights it left are not finite.
+
+        Checked here rather than in on_train_batch_end, which runs after the callbacks' (where a
+        step checkpoint may be written); a finite loss can still leave infinite weights. One
+        device sync per step.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        named = [(n, t) for n, t in (*self.named_parameters(), *self.named_buffers()) if t.is_floating_point()]
+        if torch.stack([self._step_loss.isfinite(), *(t.isfinite().all() for _, t in named)]).all():
+            return
+        bad = [name for name, t in named if not t.isfinite().all()]
+        weights = f"; not finite after the update: {', '.join(bad[:4])}{' and more' if bad[4:] else ''}" if bad else ""
+        raise NonFiniteLossError(
+            f"training diverged at step {self.global_step} (epoch {epoch}, batch {batch_idx}): "
+            f"the loss is {self._step_loss.item()}{weights}.\n"
+            "No checkpoint holds these weights: the run stops here and keeps those written before this step.\n"
+            f"Fix it by lowering the learning rate (model.optimizer.init_args.lr, now "
+            f"{optimizer.param_groups[0]['lr']}) or by normalizing (model.net.init_args.norm: scratch or torch)."
+        )
 
     def validation_step(self, batch, batch_idx):
         self._shared_step(batch, "val")

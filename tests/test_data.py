@@ -10,8 +10,8 @@ import torchvision.datasets.mnist
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from bn_lightning.data import RAW_FILES, DataNotFoundError, FashionMNISTDataModule
-from conftest import SHARED_DATA, needs_real_data, write_fashion_mnist
+from bn_lightning.data import RAW_FILES, CorruptDataError, DataNotFoundError, FashionMNISTDataModule
+from conftest import SHARED_DATA, needs_real_data, write_fashion_mnist, write_idx
 
 
 def ready(dm: FashionMNISTDataModule, stage: str = "fit") -> FashionMNISTDataModule:
@@ -92,6 +92,61 @@ def test_some_files_missing_are_named(tmp_path):
     (root / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DataNotFoundError, match="missing t10k-labels-idx1-ubyte;"):
         FashionMNISTDataModule(root, download=False).prepare_data()
+
+
+def _cut(path, size):
+    path.write_bytes(path.read_bytes()[:size])
+
+
+# Each damage torchvision's parser meets with a bare AssertionError, a reshape RuntimeError, or silence.
+DAMAGED = {
+    "truncated images": ("train-images-idx3-ubyte", lambda p: _cut(p, 5000),
+                         "its header announces 200 items, 156816 bytes, but it holds 5000 bytes"),
+    "truncated labels": ("t10k-labels-idx1-ubyte", lambda p: _cut(p, 30),
+                         "its header announces 60 items, 68 bytes, but it holds 30 bytes"),
+    "empty file": ("train-labels-idx1-ubyte", lambda p: _cut(p, 0), "it holds 0 bytes, less than its 8-byte header"),
+    "a web page saved as the file": ("train-images-idx3-ubyte", lambda p: p.write_text("<html>Not Found</html>"),
+                                     "its magic number is 1013478509, not 2051 (IDX images of unsigned bytes)"),
+    "the labels copied over the images": ("train-images-idx3-ubyte",
+                                          lambda p: shutil.copy(p.with_name("train-labels-idx1-ubyte"), p),
+                                          "its magic number is 2049, not 2051 (IDX images of unsigned bytes)"),
+    "images of another size": ("t10k-images-idx3-ubyte",
+                               lambda p: write_idx(p, torch.zeros(60, 32, 32, dtype=torch.uint8)),
+                               "its items are 32x32, not 28x28"),
+    "labels outside 0..9": ("train-labels-idx1-ubyte",
+                            lambda p: write_idx(p, torch.tensor([3] * 150 + [12] * 50, dtype=torch.uint8)),
+                            "label 12 at index 150 is not a class 0..9"),
+    "fewer labels than images": ("train-labels-idx1-ubyte", lambda p: write_idx(p, torch.zeros(150, dtype=torch.uint8)),
+                                 "it holds 150 labels for the 200 images of train-images-idx3-ubyte beside it "
+                                 "(the two come from different copies)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_a_damaged_file_is_named_with_what_is_wrong_and_how_to_fix_it(tmp_path, damage):
+    name, damage_file, problem = DAMAGED[damage]
+    path = write_fashion_mnist(tmp_path) / "FashionMNIST" / "raw" / name
+    damage_file(path)
+    dm = FashionMNISTDataModule(tmp_path, download=False)
+    dm.prepare_data()
+    with pytest.raises(CorruptDataError) as err:
+        dm.setup("test" if name.startswith("t10k") else "fit")
+    assert str(err.value) == (f"{path.resolve()} is not a valid Fashion-MNIST file: {problem}.\n"
+                              "It was probably cut short or damaged while downloading or copying. Fix it by "
+                              "deleting it and running again with download: true, or by copying a good copy over it.")
+
+
+def test_a_truncated_archive_is_named_and_leaves_no_partial_file(tmp_path, tiny_data):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in RAW_FILES:
+        shutil.copy(tiny_data / "FashionMNIST" / "raw" / name, raw / name)
+    archive = raw / "train-images-idx3-ubyte.gz"
+    archive.write_bytes(gzip.compress((raw / "train-images-idx3-ubyte").read_bytes())[:300])
+    (raw / "train-images-idx3-ubyte").unlink()
+    with pytest.raises(CorruptDataError, match=rf"{archive.name} is not a valid Fashion-MNIST file: unpacking it failed"):
+        FashionMNISTDataModule(tmp_path, download=False).prepare_data()
+    assert sorted(p.name for p in raw.iterdir()) == sorted({*RAW_FILES, archive.name} - {"train-images-idx3-ubyte"})
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,15 +1,17 @@
 """The LightningModule: metrics over exactly the samples seen, optimizer from arguments, real training."""
 
+import re
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bn_lightning.data import FashionMNISTDataModule
 from bn_lightning.model import LeNet
-from bn_lightning.module import Classifier
+from bn_lightning.module import Classifier, NonFiniteLossError
 
 
 def trainer(tmp_path, **kwargs):
@@ -59,6 +61,37 @@ def test_training_for_real_learns_the_tiny_data(tiny_data, tmp_path, norm):
         assert model.net.conv1.norm.num_batches_tracked.item() == 8 * 8  # 160 images / 20 per batch, 8 epochs
     test = fit_trainer.test(model, datamodule=dm, verbose=False)[0]
     assert set(test) == {"test/loss", "test/acc"}
+
+
+class OverflowingSGD(torch.optim.SGD):
+    """Its third update overflows: the loss before it is finite, a weight after it is not."""
+
+    steps = 0
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.steps += 1
+        if self.steps == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return loss
+
+
+def test_a_step_that_leaves_infinite_weights_stops_training_before_a_checkpoint_holds_them(tiny_data, tmp_path):
+    """Stopped in optimizer_step, before the callbacks' on_train_batch_end writes the step's checkpoint."""
+    model = Classifier(LeNet("torch"), optimizer=partial(OverflowingSGD, lr=0.5))
+    every_step = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=1, save_top_k=-1, save_last=True)
+    fit_trainer = Trainer(logger=False, callbacks=[every_step], enable_progress_bar=False,
+                          enable_model_summary=False, max_epochs=1)
+    with pytest.raises(NonFiniteLossError) as err:
+        fit_trainer.fit(model, datamodule=FashionMNISTDataModule(tiny_data, batch_size=20, val_size=40))
+    message = str(err.value)
+    assert re.match(r"training diverged at step 2 \(epoch 0, batch 2\): the loss is \d\.\d+;", message), message
+    assert "; not finite after the update: net.conv1.affine.weight." in message
+    assert "(model.optimizer.init_args.lr, now 0.5)" in message
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt"]
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)  # hparams hold the partial optimizer
+    assert last["global_step"] == 2 and last["state_dict"]["net.conv1.affine.weight"].isfinite().all()
 
 
 def test_predict_returns_one_class_per_image(tiny_data, tmp_path):
