@@ -252,6 +252,13 @@ class _BatchNorm(nn.Module):
         sync: bool = False,
         process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
+        # torch's layers accept these and fail (or drift) only later; ours say so at once.
+        if not eps > 0:
+            raise ValueError(f"eps must be a positive number, it keeps 1 / sqrt(var + eps) finite: "
+                             f"got {eps} (torch uses 1e-5)")
+        if momentum is not None and not 0 <= momentum <= 1:
+            raise ValueError(f"momentum must be in [0, 1], the weight of each new batch in the running statistics, "
+                             f"or None for their cumulative average: got {momentum} (torch uses 0.1)")
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.num_features = num_features

@@ -202,8 +202,6 @@ def test_wrong_rank_is_rejected_like_torch(cls, bad_ranks):
         (lambda: torch.randn(4, 5), {}, True),  # channel count differs from num_features
         (lambda: torch.randn(4, 5), {}, False),
         (lambda: torch.randn(4, 5), {"track_running_stats": False}, True),
-        (lambda: torch.randn(4, 3), {"eps": 0.0}, True),
-        (lambda: torch.randn(4, 3), {"eps": -1.0}, False),
     ],
 )
 def test_bad_input_raises_the_same_error_as_torch(make_input, kwargs, training):
@@ -215,6 +213,31 @@ def test_bad_input_raises_the_same_error_as_torch(make_input, kwargs, training):
             layer(x)
         errors.append((type(err.value), str(err.value)))
     assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("eps, training", [(0.0, True), (-1.0, False)])
+def test_bad_eps_to_the_functional_raises_the_same_error_as_torch(eps, training):
+    errors = []
+    for batch_norm in (norm.batch_norm, nn.functional.batch_norm):
+        with pytest.raises(ValueError) as err:
+            batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=training, eps=eps)
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"eps": 0.0}, r"eps must be a positive number, .* got 0.0 \(torch uses 1e-5\)"),
+    ({"eps": -1e-5}, r"eps must be a positive number, .* got -1e-05"),
+    ({"momentum": 1.5}, r"momentum must be in \[0, 1\], .* or None for their cumulative average: got 1.5"),
+    ({"momentum": -0.1}, r"momentum must be in \[0, 1\], .* got -0.1"),
+])
+def test_bad_eps_or_momentum_is_rejected_by_the_constructor(kwargs, message):
+    """torch's layers take these and fail only at the first batch (eps) or drift silently (momentum)."""
+    for cls in (norm.BatchNorm1d, norm.BatchNorm2d, norm.BatchNorm3d):
+        with pytest.raises(ValueError, match=message):
+            cls(3, **kwargs)
+    for momentum in (0.0, 1.0, None):
+        norm.BatchNorm2d(3, momentum=momentum)  # the bounds and the cumulative average are fine
 
 
 def test_one_value_per_channel_is_fine_in_eval():
