@@ -1,6 +1,7 @@
 """LeNet: one class for every norm, the norm between affine layer and activation."""
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -50,9 +51,11 @@ def test_unknown_choice_names_the_choices(kwargs, message):
         LeNet(**kwargs)
 
 
-def test_wrong_image_shape_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"expects images of shape \(N, 1, 28, 28\), got \(2, 3, 28, 28\)"):
-        LeNet()(torch.randn(2, 3, 28, 28))
+@pytest.mark.parametrize("shape", [(2, 3, 28, 28), (1, 28, 28), (2, 1, 32, 32)])
+def test_wrong_image_shape_is_a_clear_error(shape):
+    expected = re.escape(f"LeNet expects images of shape (N, 1, 28, 28), got {shape}")
+    with pytest.raises(ValueError, match=expected):
+        LeNet("scratch")(torch.randn(shape))
 
 
 def test_scratch_and_torch_bn_train_the_same_network_identically():
