@@ -79,7 +79,7 @@ class Classifier(LightningModule):
         raise NonFiniteLossError(
             f"training diverged at step {self.global_step} (epoch {epoch}, batch {batch_idx}): "
             f"the loss is {self._step_loss.item()}{weights}.\n"
-            "No checkpoint holds these weights: the run stops here and keeps those written before this step.\n"
+            "The run stops here; the checkpoints written before this step hold the last good weights.\n"
             f"Fix it by lowering the learning rate (model.optimizer.init_args.lr, now "
             f"{optimizer.param_groups[0]['lr']}) or by normalizing (model.net.init_args.norm: scratch or torch)."
         )
