@@ -76,12 +76,13 @@ class Classifier(LightningModule):
             return
         bad = [name for name, t in named if not t.isfinite().all()]
         weights = f"; not finite after the update: {', '.join(bad[:4])}{' and more' if bad[4:] else ''}" if bad else ""
+        normalize = " or by normalizing (model.net.init_args.norm: scratch or torch)" if getattr(self.net, "norm", None) == "none" else ""
         raise NonFiniteLossError(
             f"training diverged at step {self.global_step} (epoch {epoch}, batch {batch_idx}): "
             f"the loss is {self._step_loss.item()}{weights}.\n"
             "The run stops here; the checkpoints written before this step hold the last good weights.\n"
             f"Fix it by lowering the learning rate (model.optimizer.init_args.lr, now "
-            f"{optimizer.param_groups[0]['lr']}) or by normalizing (model.net.init_args.norm: scratch or torch)."
+            f"{optimizer.param_groups[0]['lr']}){normalize}."
         )
 
     def validation_step(self, batch, batch_idx):
