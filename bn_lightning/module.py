@@ -76,7 +76,8 @@ class Classifier(LightningModule):
             return
         bad = [name for name, t in named if not t.isfinite().all()]
         weights = f"; not finite after the update: {', '.join(bad[:4])}{' and more' if bad[4:] else ''}" if bad else ""
-        normalize = " or by normalizing (model.net.init_args.norm: scratch or torch)" if getattr(self.net, "norm", None) == "none" else ""
+        no_norm = getattr(self.net, "norm", None) == "none"  # LeNet says which it has
+        normalize = " or by normalizing (model.net.init_args.norm: scratch or torch)" if no_norm else ""
         raise NonFiniteLossError(
             f"training diverged at step {self.global_step} (epoch {epoch}, batch {batch_idx}): "
             f"the loss is {self._step_loss.item()}{weights}.\n"
