@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+import re
+import sys
 
-from bn_lightning.data import FashionMNISTDataModule
-from bn_lightning.module import Classifier
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from bn_lightning.data import CorruptDataError, DataNotFoundError, FashionMNISTDataModule
+from bn_lightning.module import Classifier, NonFiniteLossError
 from bn_lightning.sync import BatchNormSync
+
+
+# Errors whose message says what went wrong and how to fix it: the CLI prints it without a traceback.
+CLEAR_ERRORS = (DataNotFoundError, CorruptDataError, NonFiniteLossError)
+
+
+class _ArgumentParser(LightningArgumentParser):
+    """Ends an error about a class-valued key whose class was not found (``--model.optimizer Sgd``)
+    with the classes that key knows, which jsonargparse otherwise lists only in ``--help``; not when
+    they are hundreds (``model.net`` knows every ``torch.nn.Module``)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        key = re.match(r'Parser key "([^"]+)"', message)
+        action = key and self._option_string_actions.get(f"--{key[1]}")
+        known = getattr(action, "extra_help", lambda: "")().partition("known subclasses: ")[2]
+        if known and known.count(",") < 30 and "Problem with given class_path" not in message:
+            message += f"\n  {key[1]} takes one of: {known} (a class name alone, as in SGD, will do)"
+        super().error(message, ex)
 
 
 class BNLightningCLI(LightningCLI):
@@ -40,6 +61,27 @@ class BNLightningCLI(LightningCLI):
             kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), BatchNormSync()]
         return super().instantiate_trainer(**kwargs)
 
+    def instantiate_classes(self) -> None:
+        """A constructor's ValueError is a bad setting: reported as a parse error, without a traceback."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            self.parser.error(str(err), err)
+
+    def after_instantiate_classes(self) -> None:
+        """Before a fit reads any data: a learning rate that is not positive is rejected, and building
+        the optimizer once lets torch.optim check its other settings (momentum, weight_decay...)."""
+        if self.subcommand != "fit":
+            return
+        lr = self.config.fit.get("model.optimizer.init_args.lr")
+        if lr is not None and not lr > 0:
+            self.parser.error(f"model.optimizer.init_args.lr must be a positive learning rate, got {lr}; "
+                              "set it in the config or with --model.optimizer.init_args.lr")
+        try:
+            self.model.configure_optimizers()
+        except ValueError as err:
+            self.parser.error(f"model.optimizer.init_args: {err}", err)
+
     def after_fit(self) -> None:
         if not self.config.fit.test_after_fit or self.trainer.interrupted:
             return
@@ -48,17 +90,22 @@ class BNLightningCLI(LightningCLI):
 
 
 def main(args=None) -> BNLightningCLI:
-    return BNLightningCLI(
-        Classifier,
-        FashionMNISTDataModule,
-        seed_everything_default=42,
-        trainer_defaults={
-            "max_epochs": 10,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "lightning_logs", "name": "default"},
+    try:
+        return BNLightningCLI(
+            Classifier,
+            FashionMNISTDataModule,
+            seed_everything_default=42,
+            trainer_defaults={
+                "max_epochs": 10,
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "lightning_logs", "name": "default"},
+                },
             },
-        },
-        args=args,
-    )
+            args=args,
+            parser_class=_ArgumentParser,
+            parser_kwargs={"prog": "python -m bn_lightning"},
+        )
+    except CLEAR_ERRORS as err:
+        sys.exit(f"error: {err}")
 

@@ -53,12 +53,20 @@ def test_d2l_configs_follow_the_book():
         assert (config["data"]["batch_size"], config["trainer"]["max_epochs"]) == (256, 10)
 
 
-def test_unknown_norm_lists_the_choices(capsys):
+@pytest.mark.parametrize("option, value, choices", [
+    ("--model.net.init_args.norm", "batch", ["'none'", "'scratch'", "'torch'"]),
+    ("--model.net.init_args.activation", "tanhh", ["'sigmoid'", "'relu'"]),
+    ("--model.optimizer", "torch.optim.Sgd", ["model.optimizer takes one of:", "torch.optim.SGD,", "torch.optim.Adam,"]),
+    ("--model.optimizer", "NoSuchOptimizer", ["model.optimizer takes one of:", "torch.optim.SGD,", "torch.optim.Adam,"]),
+])
+def test_unknown_choice_lists_the_choices(option, value, choices, capsys):
     with pytest.raises(SystemExit) as done:
-        main(["fit", "--model.net.init_args.norm", "batch", "--print_config"])
-    assert done.value.code != 0
+        main(["fit", option, value, "--print_config"])
+    assert done.value.code == 2
     err = capsys.readouterr().err
-    assert "batch" in err and all(f"'{choice}'" in err for choice in ("none", "scratch", "torch"))
+    assert "python -m bn_lightning fit --help" in err  # the tip names the real command, not __main__.py
+    error = err[err.index("error: "):]
+    assert value in error and all(choice in error for choice in choices)
 
 
 def test_fit_writes_checkpoints_and_tensorboard_events_then_tests_and_predicts(tiny_data, tmp_path):

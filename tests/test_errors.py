@@ -1,0 +1,81 @@
+"""Issue 6: every bad input gives the command line a clear error, what is wrong and how to fix it,
+without a traceback, and loses nothing. Unit-level checks live beside their modules' tests."""
+
+import re
+
+import pytest
+import torch
+
+from bn_lightning import norm
+from bn_lightning.cli import main
+from conftest import REPO, write_fashion_mnist
+from test_cli import run_cli
+
+TINY_RUN = ["--config", str(REPO / "configs" / "lenet_no_bn.yaml"), "--data.val_size=40", "--data.batch_size=32",
+            "--trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("--model.optimizer.init_args.lr=-1", "error: model.optimizer.init_args.lr must be a positive learning rate, got -1.0"),
+    ("--model.optimizer.init_args.lr=0", "error: model.optimizer.init_args.lr must be a positive learning rate, got 0.0"),
+    ("--model.optimizer.init_args.momentum=-0.5", "error: model.optimizer.init_args: Invalid momentum value: -0.5"),
+    ("--data.batch_size=0", "error: batch_size must be a positive number of images, got 0"),
+], ids=["negative lr", "zero lr", "negative momentum", "zero batch size"])
+def test_a_bad_setting_stops_fit_before_any_data_is_read(setting, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", *TINY_RUN, f"--data.data_dir={tmp_path / 'no_data_needed'}", "--data.download=false", setting])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "no_data_needed").exists()
+
+
+def test_missing_data_offline_names_the_folder_and_the_fix(tmp_path):
+    result = run_cli("fit", *TINY_RUN, f"--data.data_dir={tmp_path / 'nowhere'}", "--data.download=false", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr[result.stderr.index("error: "):]
+    assert f"error: Fashion-MNIST is not in {tmp_path / 'nowhere' / 'FashionMNIST' / 'raw'}" in last
+    assert "downloading is switched off (download: false)" in last and "--data.data_dir" in last
+
+
+def test_a_truncated_file_names_the_file_and_the_fix(tmp_path):
+    root = write_fashion_mnist(tmp_path / "data")
+    images = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])  # an interrupted copy
+    result = run_cli("fit", *TINY_RUN, f"--data.data_dir={root}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"error: {images} is not a valid Fashion-MNIST file: its header announces 200 items, 156816 bytes, "
+            "but it holds 5000 bytes.") in result.stderr
+    assert "Fix it by deleting it and running again with download: true" in result.stderr
+    assert images.stat().st_size == 5000  # left for the user to look at
+
+
+def test_a_diverging_run_stops_at_the_step_and_keeps_its_last_good_checkpoint(tiny_data, tmp_path):
+    """SGD with momentum 30 blows up in the second epoch; a checkpoint is written after every step."""
+    result = run_cli("fit", *TINY_RUN, f"--data.data_dir={tiny_data}", "--trainer.max_epochs=3",
+                     "--model.net.init_args.activation=relu", "--model.optimizer.init_args.lr=1",
+                     "--model.optimizer.init_args.momentum=30", "--checkpoint.every_n_train_steps=1", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    found = re.search(r"error: training diverged at step (\d+) \(epoch (\d+), batch \d+\): the loss is (\S+?)[;.]",
+                      result.stderr)
+    assert found, result.stderr[-3000:]
+    step, epoch, loss = int(found[1]), int(found[2]), float(found[3])
+    assert epoch >= 1 and not torch.isfinite(torch.tensor(loss))
+    assert "lowering the learning rate (model.optimizer.init_args.lr, now 1.0)" in result.stderr
+
+    checkpoints = tmp_path / "lightning_logs" / "lenet_no_bn" / "version_0" / "checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["global_step"] == step  # written after the step before, never after this one
+    for path in checkpoints.iterdir():
+        state = torch.load(path, weights_only=True)["state_dict"]
+        assert all(t.isfinite().all() for t in state.values() if t.is_floating_point()), path.name
+
+
+@pytest.mark.xfail(strict=True, reason="norm.batch_norm reports torch's 'running_mean should contain 5 elements not 3'"
+                   " (the input's channel count as the one expected); a layer-level check belongs in norm.py")
+def test_wrong_channel_count_to_our_bn_layer_says_what_was_expected():
+    with pytest.raises(ValueError) as err:
+        norm.BatchNorm2d(3)(torch.randn(2, 5, 4, 4))
+    assert "channels" in str(err.value) and all(n in str(err.value) for n in ("3", "5"))
+
