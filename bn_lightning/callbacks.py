@@ -82,6 +82,13 @@ def _tensorboards(trainer: Trainer) -> list:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
+def _resumed_in(trainer: Trainer, log_dir: str) -> bool:
+    """Whether this fit resumes from a checkpoint inside ``log_dir`` (the CLI resumes a run in its own folder)."""
+    return trainer.ckpt_path is not None and os.path.abspath(trainer.ckpt_path).startswith(
+        os.path.join(os.path.abspath(log_dir), "")
+    )
+
+
 def _percentiles(values: Tensor) -> list[float]:
     """``PERCENTILES`` of ``values``, interpolated as ``torch.quantile`` does. On the CPU through numpy's
     selection, which takes half of ``torch.quantile``'s time there (30 ms on conv1's 885k inputs)."""
@@ -400,7 +407,9 @@ class ExamplesPerSecond(_EveryNSteps):
 
     Time runs between consecutive training batches' ends (data loading, the step and any
     logging included); the gap before an epoch's first batch and after a validation run is left
-    out. It never synchronizes the device: over ``every_n_steps`` steps the queue evens out.
+    out. A resumed fit times its first batch from that batch's start, so that a step due to log
+    right after the resume logs as it did in the stopped run. It never synchronizes the device:
+    over ``every_n_steps`` steps the queue evens out.
 
     Args:
         every_n_steps: log on one training step in this many.
@@ -411,10 +420,14 @@ class ExamplesPerSecond(_EveryNSteps):
         self._step: int | None = None
         self._last_batch_end: float | None = None
         self._examples, self._seconds = 0, 0.0
+        self._time_first_batch = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._examples, self._seconds = 0, 0.0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._time_first_batch = trainer.global_step > 0  # resumed from a checkpoint
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_batch_end = None
@@ -424,6 +437,9 @@ class ExamplesPerSecond(_EveryNSteps):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         self._step = self._take_step(trainer)
+        if self._time_first_batch:
+            self._time_first_batch = False
+            self._last_batch_end = perf_counter()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         now = perf_counter()
@@ -471,6 +487,8 @@ class TensorBoardComparison(Callback):
         hparams, domains = self.hparams(trainer, pl_module)
         summaries = hparams_summaries(hparams, dict.fromkeys(self.metrics, 0.0), domains)
         for writer in writers:
+            if _resumed_in(trainer, writer.log_dir):  # the stopped run wrote both at step 0 already
+                continue
             writer.add_custom_scalars(layout)
             # What TensorBoardLogger.log_hyperparams writes, without its placeholder metric values.
             for summary in summaries:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import re
+import signal
 import sys
+import warnings
+from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bn_lightning.data import CorruptDataError, DataNotFoundError, FashionMNISTDataModule
 from bn_lightning.module import Classifier, NonFiniteLossError
+from bn_lightning.resume import EXIT_CODES, StopAndResume, continue_run, find_last_checkpoint, run_folders
 from bn_lightning.sync import BatchNormSync
 
 
@@ -61,6 +69,66 @@ class BNLightningCLI(LightningCLI):
             kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), BatchNormSync()]
         return super().instantiate_trainer(**kwargs)
 
+    def before_fit(self) -> None:
+        self._load_weights_only()
+        self._resume()
+
+    def before_validate(self) -> None:
+        self._load_weights_only()
+
+    def before_test(self) -> None:
+        self._load_weights_only()
+
+    def before_predict(self) -> None:
+        self._load_weights_only()
+
+    def _load_weights_only(self) -> None:
+        """Checkpoints load with ``torch.load(weights_only=True)`` unless ``--weights_only false`` says otherwise:
+        ours hold tensors, numbers, strings and containers only, nothing to unpickle."""
+        config = self.config_init[self.subcommand]
+        if config.get("weights_only") is None:
+            config["weights_only"] = True
+
+    def _checkpoint_folders(self) -> list[Path]:
+        callback = self.trainer.checkpoint_callback
+        if callback is not None and callback.dirpath:
+            return [Path(callback.dirpath)]
+        if isinstance(self.trainer.logger, TensorBoardLogger):
+            return run_folders(self.trainer.logger)
+        if self.trainer.loggers:
+            return [Path(self.trainer.log_dir) / "checkpoints"]
+        return [Path(self.trainer.default_root_dir) / "checkpoints"]
+
+    def _resume(self) -> None:
+        """``--ckpt_path last``: the newest ``last*.ckpt`` or ``interrupted.ckpt`` of the run (of every
+        ``version_*`` of the logger's name when its version is not set); no checkpoint yet starts a new run,
+        so a job can always pass it. A checkpoint inside one of the logger's run folders is resumed into
+        that folder: TensorBoard events from its step on are replaced, the checkpoint callback keeps its
+        best-so-far, and the resumed command's config is saved beside the first as ``config.resumed-step<N>.yaml``."""
+        config = self.config_init[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path == "last":
+            folders = self._checkpoint_folders()
+            found = find_last_checkpoint(folders)
+            if found is None:
+                rank_zero_info(f"--ckpt_path last: no checkpoint in {', '.join(map(str, folders)) or 'no run folder'}"
+                               "; starting a new run.")
+                config["ckpt_path"] = None
+                return
+            config["ckpt_path"] = ckpt_path = str(found)
+        if not ckpt_path or not Path(ckpt_path).is_file() or not isinstance(self.trainer.logger, TensorBoardLogger):
+            return  # "best", "hpc", a missing file...: Lightning's own handling and messages
+        step = torch.load(ckpt_path, map_location="cpu", weights_only=config["weights_only"])["global_step"]
+        if not continue_run(self.trainer.logger, Path(ckpt_path), step):
+            return
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback):
+                callback.config_filename, callback.overwrite = f"config.resumed-step{step}.yaml", True
+        # The checkpoint folder is the run's own, of course not empty.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+        rank_zero_info(f"Resuming {ckpt_path} at step {step} in {self.trainer.logger.log_dir}: "
+                       f"its TensorBoard events from step {step} on are replaced.")
+
     def instantiate_classes(self) -> None:
         """A constructor's ValueError is a bad setting: reported as a parse error, without a traceback."""
         try:
@@ -86,10 +154,13 @@ class BNLightningCLI(LightningCLI):
         if not self.config.fit.test_after_fit or self.trainer.interrupted:
             return
         best = self.trainer.checkpoint_callback.best_model_path
-        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
 
 
 def main(args=None) -> BNLightningCLI:
+    """Run the CLI. A fit stopped by SIGTERM or Ctrl-C (``StopAndResume``, on in every run) exits with
+    status 143 or 130, as a shell reports those signals, after saving ``checkpoints/interrupted.ckpt``."""
+    stopper = StopAndResume()
     try:
         return BNLightningCLI(
             Classifier,
@@ -101,6 +172,7 @@ def main(args=None) -> BNLightningCLI:
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "lightning_logs", "name": "default"},
                 },
+                "callbacks": [stopper],
             },
             args=args,
             parser_class=_ArgumentParser,
@@ -108,4 +180,6 @@ def main(args=None) -> BNLightningCLI:
         )
     except CLEAR_ERRORS as err:
         sys.exit(f"error: {err}")
+    except SIGTERMException as stop:  # a SystemExit without a code, which would exit with 0
+        raise SystemExit(EXIT_CODES[stopper.requested or signal.SIGTERM]) from stop
 

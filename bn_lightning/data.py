@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 import struct
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.utils import extract_archive
+
+from bn_lightning.resume import ResumableLoader, run_seed
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -107,6 +110,9 @@ class FashionMNISTDataModule(LightningDataModule):
             [0, 1] as Dive into Deep Learning does; the data's own are 0.2860 and 0.3530.
         num_workers: DataLoader worker processes; 0 is fastest here, since a batch is one slice.
         download: fetch the files when they are missing.
+        shuffle_seed: the training order of epoch ``e`` is a permutation drawn from ``(shuffle_seed, e)``
+            alone (``ResumableLoader``), so a run resumed mid-epoch serves the rest of the same order;
+            None takes the run's ``seed_everything`` seed (an unseeded run draws one at random).
     """
 
     def __init__(
@@ -119,6 +125,7 @@ class FashionMNISTDataModule(LightningDataModule):
         std: float = 1.0,
         num_workers: int = 0,
         download: bool = True,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -127,6 +134,7 @@ class FashionMNISTDataModule(LightningDataModule):
             raise ValueError(f"val_size must be a positive number of images, got {val_size}")
         if std <= 0:
             raise ValueError(f"std must be positive (inputs are divided by it), got {std}")
+        data_dir = str(data_dir)  # saved as text: a Path in the checkpoint would not load weights-only
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.train_set = self.val_set = self.test_set = None
@@ -207,7 +215,18 @@ class FashionMNISTDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        seed = self.hparams.shuffle_seed
+        if seed is None:
+            seed = run_seed() if run_seed() is not None else secrets.randbits(32)
+        workers = self.hparams.num_workers
+        return ResumableLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            seed=seed,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=_already_batched,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -12,6 +12,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 STAGES = ("train", "val", "test")
 
+# A Classifier built in Python (not by the CLI, which saves the optimizer as a class_path dict) keeps its
+# optimizer class in the checkpoint's hyperparameters: torch's own optimizer classes are allowlisted, so
+# that checkpoint still loads with torch.load(weights_only=True), torch's default since 2.6.
+torch.serialization.add_safe_globals(
+    [cls for cls in vars(torch.optim).values() if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)]
+)
+
 
 class NonFiniteLossError(FloatingPointError):
     """Training diverged: a step's loss, or the weights it left, are NaN or infinite.
@@ -42,9 +49,26 @@ class Classifier(LightningModule):
         for stage in STAGES:
             self.metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes, average="micro")
             self.metrics[f"{stage}_loss"] = MeanMetric()
+        # The training epoch's running sums go into checkpoints (torchmetrics leaves them out by default),
+        # so an epoch resumed half-way still reports the loss and accuracy of the whole epoch.
+        for name in ("train_acc", "train_loss"):
+            self.metrics[name].persistent(True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        # An epoch starts from empty sums, also after resuming from a checkpoint written at the previous
+        # epoch's end, which holds that epoch's sums (saved before Lightning logs and resets them).
+        self.metrics["train_acc"].reset()
+        self.metrics["train_loss"].reset()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint written before the training metrics were saved loads with their current (empty) state."""
+        state = checkpoint.get("state_dict", {})
+        for key, value in self.state_dict().items():
+            if key.startswith("metrics.") and key not in state:
+                state[key] = value
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x, y = batch
