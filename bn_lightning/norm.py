@@ -327,6 +327,13 @@ class _BatchNorm(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            # torch reports this as a mismatch of running_mean, or not at all without buffers and affine.
+            raise RuntimeError(
+                f"{type(self).__name__}({self.num_features}) got an input of shape {tuple(input.shape)}, whose "
+                f"{input.shape[1]} channels (dim 1) should be {self.num_features}: give the layer "
+                f"num_features={input.shape[1]} or check the layer that feeds it"
+            )
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
