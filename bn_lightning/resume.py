@@ -35,6 +35,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bn_lightning.module import NonFiniteLossError
+
 INTERRUPTED = "interrupted"  # checkpoints/interrupted.ckpt: the state when a run stopped early
 EXIT_CODES = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}  # as a shell reports them
 
@@ -311,8 +313,9 @@ class StopAndResume(Callback):
             stopped_by = type(exception).__name__
         path = checkpoint_dir(trainer) / f"{self.filename}.ckpt"
         tensors = (*pl_module.parameters(), *pl_module.buffers())
-        if not all(t.isfinite().all() for t in tensors if t.is_floating_point()):
-            rank_zero_info(f"Training stopped on {stopped_by} with weights that are not finite: not saved to {path}.")
+        if isinstance(exception, NonFiniteLossError) or not all(t.isfinite().all() for t in tensors if t.is_floating_point()):
+            # A diverged state is not worth resuming: last.ckpt and the others keep the last good one.
+            rank_zero_info(f"Training stopped on {stopped_by} after diverging: not saved to {path}.")
             return
         self._saving = {"stopped_by": stopped_by, "at_batch_boundary": at_boundary}
         try:

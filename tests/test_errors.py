@@ -69,3 +69,14 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_its_last_good_checkpoint(ti
     for path in checkpoints.iterdir():
         state = torch.load(path, weights_only=True)["state_dict"]
         assert all(t.isfinite().all() for t in state.values() if t.is_floating_point()), path.name
+
+
+
+def test_an_infinite_loss_with_finite_weights_is_not_saved_for_resuming(tiny_data, tmp_path):
+    """ReLU LeNet at lr 7000 overflows the loss at step 2 while its weights are still finite."""
+    result = run_cli("fit", *TINY_RUN, f"--data.data_dir={tiny_data}", "--model.net.init_args.activation=relu",
+                     "--model.optimizer.init_args.lr=7000", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(r"error: training diverged at step \d+ \(epoch 0, batch \d+\): the loss is inf\.", result.stderr)
+    checkpoints = tmp_path / "lightning_logs" / "lenet_no_bn" / "version_0" / "checkpoints"
+    assert not (checkpoints / "interrupted.ckpt").exists()  # resuming it would only diverge again
