@@ -15,14 +15,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from bn_lightning.data import CorruptDataError, DataNotFoundError, FashionMNISTDataModule
+from bn_lightning.data import CorruptDataError, DataNotFoundError, DataSizeError, FashionMNISTDataModule
 from bn_lightning.module import Classifier, NonFiniteLossError
 from bn_lightning.resume import EXIT_CODES, StopAndResume, continue_run, find_last_checkpoint, run_folders
 from bn_lightning.sync import BatchNormSync
 
 
 # Errors whose message says what went wrong and how to fix it: the CLI prints it without a traceback.
-CLEAR_ERRORS = (DataNotFoundError, CorruptDataError, NonFiniteLossError)
+CLEAR_ERRORS = (DataNotFoundError, CorruptDataError, DataSizeError, NonFiniteLossError)
 
 
 class _ArgumentParser(LightningArgumentParser):
@@ -49,17 +49,20 @@ class BNLightningCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True, help="fit only: test the best checkpoint when fit ends"
         )
         parser.set_defaults({"model.net": {"class_path": "bn_lightning.model.LeNet"}})
-        # Always keep the best epoch by validation accuracy and the last one (for --ckpt_path last).
+        # Always keep the best epoch by validation accuracy ...
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # ... and last.ckpt, rewritten at the end of every epoch (for --ckpt_path last). Not through the
+        # callback above's save_last: Lightning 2.6 rewrites that one only when a new best is saved.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.set_defaults({"last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False})
 
     def instantiate_trainer(self, **kwargs):
         """``trainer.sync_batchnorm: true`` synchronizes our BN as well as torch's (BatchNormSync)."""

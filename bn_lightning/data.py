@@ -33,6 +33,10 @@ class CorruptDataError(ValueError):
     """A Fashion-MNIST file on disk is cut short or is not the file its name says: it must be replaced."""
 
 
+class DataSizeError(ValueError):
+    """A size setting that the data on disk cannot satisfy."""
+
+
 def _corrupt(path: Path, problem: str) -> CorruptDataError:
     return CorruptDataError(
         f"{path.resolve()} is not a valid Fashion-MNIST file: {problem}.\n"
@@ -196,7 +200,8 @@ class FashionMNISTDataModule(LightningDataModule):
             full = self._images(train=True)
             val_size = self.hparams.val_size
             if val_size >= len(full):
-                raise ValueError(f"val_size {val_size} leaves no training images: {self.raw_dir} holds {len(full)}")
+                raise DataSizeError(f"val_size {val_size} leaves no training images: {self.raw_dir} holds {len(full)} "
+                                    f"training images; set --data.val_size below {len(full)}")
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
             train_idx, val_idx = random_split(range(len(full)), [len(full) - val_size, val_size], generator)
             self.train_set, self.val_set = full.subset(list(train_idx)), full.subset(list(val_idx))
@@ -218,14 +223,16 @@ class FashionMNISTDataModule(LightningDataModule):
         seed = self.hparams.shuffle_seed
         if seed is None:
             seed = run_seed() if run_seed() is not None else secrets.randbits(32)
-        workers = self.hparams.num_workers
+        workers, batch_size = self.hparams.num_workers, self.hparams.batch_size
         return ResumableLoader(
             self.train_set,
-            batch_size=self.hparams.batch_size,
+            batch_size=batch_size,
             seed=seed,
             num_workers=workers,
             persistent_workers=workers > 0,
             collate_fn=_already_batched,
+            # A last batch of one image has no batch statistics (BN refuses it); leave that image out.
+            drop_last=len(self.train_set) % batch_size == 1,
         )
 
     def val_dataloader(self) -> DataLoader:

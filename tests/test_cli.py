@@ -96,6 +96,20 @@ def test_fit_writes_checkpoints_and_tensorboard_events_then_tests_and_predicts(t
         assert result.returncode == 0, (subcommand, result.stderr[-3000:])
 
 
+def test_last_checkpoint_is_the_last_epoch_even_when_the_best_is_older(tiny_data, tmp_path):
+    """Lightning 2.6's save_last rewrites last.ckpt only with a new best; ours is rewritten every epoch.
+    Monitoring the epoch number with mode min makes epoch 0 the best for good."""
+    fit = run_cli("fit", "--config", str(REPO / "configs" / "lenet_bn_scratch.yaml"), f"--data.data_dir={tiny_data}",
+                  "--data.batch_size=32", "--data.val_size=40", "--trainer.max_epochs=3", "--test_after_fit=false",
+                  "--checkpoint.monitor=epoch", "--checkpoint.mode=min", "--checkpoint.filename=best-{epoch}",
+                  "--trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    checkpoints = tmp_path / "lightning_logs" / "lenet_bn_scratch" / "version_0" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-0.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 15)
+
+
 @needs_real_data
 def test_fit_on_a_slice_of_the_real_data_learns(tmp_path):
     fit = run_cli("fit", "--config", str(REPO / "configs" / "lenet_bn_torch.yaml"), f"--data.data_dir={SHARED_DATA}",

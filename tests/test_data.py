@@ -10,7 +10,7 @@ import torchvision.datasets.mnist
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from bn_lightning.data import RAW_FILES, CorruptDataError, DataNotFoundError, FashionMNISTDataModule
+from bn_lightning.data import RAW_FILES, CorruptDataError, DataNotFoundError, DataSizeError, FashionMNISTDataModule
 from conftest import SHARED_DATA, needs_real_data, write_fashion_mnist, write_idx
 
 
@@ -160,7 +160,7 @@ def test_bad_settings_are_rejected(kwargs, message):
 
 
 def test_val_size_larger_than_the_data_is_rejected(tiny_data):
-    with pytest.raises(ValueError, match="val_size 500 leaves no training images"):
+    with pytest.raises(DataSizeError, match="val_size 500 leaves no training images"):
         ready(FashionMNISTDataModule(tiny_data, val_size=500))
 
 

@@ -54,7 +54,7 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_its_last_good_checkpoint(ti
     """SGD with momentum 30 blows up in the second epoch; a checkpoint is written after every step."""
     result = run_cli("fit", *TINY_RUN, f"--data.data_dir={tiny_data}", "--trainer.max_epochs=3",
                      "--model.net.init_args.activation=relu", "--model.optimizer.init_args.lr=1",
-                     "--model.optimizer.init_args.momentum=30", "--checkpoint.every_n_train_steps=1", cwd=tmp_path)
+                     "--model.optimizer.init_args.momentum=30", "--last_checkpoint.every_n_train_steps=1", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     found = re.search(r"error: training diverged at step (\d+) \(epoch (\d+), batch \d+\): the loss is (\S+?)[;.]",
                       result.stderr)
@@ -80,3 +80,21 @@ def test_an_infinite_loss_with_finite_weights_is_not_saved_for_resuming(tiny_dat
     assert re.search(r"error: training diverged at step \d+ \(epoch 0, batch \d+\): the loss is inf\.", result.stderr)
     checkpoints = tmp_path / "lightning_logs" / "lenet_no_bn" / "version_0" / "checkpoints"
     assert not (checkpoints / "interrupted.ckpt").exists()  # resuming it would only diverge again
+
+def test_val_size_larger_than_the_data_is_one_clear_line(tiny_data, tmp_path):
+    result = run_cli("fit", *TINY_RUN, f"--data.data_dir={tiny_data}", "--data.val_size=500", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: val_size 500 leaves no training images" in result.stderr
+    assert "set --data.val_size below 200" in result.stderr
+
+
+def test_a_batch_size_that_would_leave_one_image_last_trains_without_it(tiny_data, tmp_path):
+    """160 training images in batches of 53: the fourth batch would hold a single image, which has
+    no batch statistics; it is left out rather than ending the epoch in an error."""
+    result = run_cli("fit", "--config", str(REPO / "configs" / "lenet_bn_scratch.yaml"), f"--data.data_dir={tiny_data}",
+                     "--data.val_size=40", "--data.batch_size=53", "--trainer.max_epochs=2",
+                     "--trainer.enable_progress_bar=false", "--test_after_fit=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = torch.load(tmp_path / "lightning_logs" / "lenet_bn_scratch" / "version_0" / "checkpoints" / "last.ckpt",
+                      weights_only=True)
+    assert last["global_step"] == 6  # 3 batches an epoch
