@@ -61,9 +61,9 @@ def plain_epoch(norm: str, data: DataLoader) -> tuple[float, float, list[float]]
         optimizer.zero_grad()
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        # The same per-step metric work as Classifier.training_step, without Lightning's logging.
-        model.metrics["train_acc"](logits, y)
-        model.metrics["train_loss"](loss.detach(), weight=y.numel())
+        # The metric sums Classifier.training_step keeps, without Lightning's logging.
+        model.metrics["train_acc"].update(logits, y)
+        model.metrics["train_loss"].update(loss.detach(), weight=y.numel())
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
