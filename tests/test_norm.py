@@ -317,3 +317,13 @@ def test_half_precision_autocast_matches_torch(pair, autocast_dtype):
         for key, value in theirs.state_dict().items():
             assert ours.state_dict()[key].dtype == value.dtype
             torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_of_our_layer_matches_torch():
+    """The compiled path of benchmarks/bn.py: Dynamo traces our autograd.Function, forward and backward."""
+    ours, theirs = twins(norm.BatchNorm2d, nn.BatchNorm2d, torch.float32)
+    ours.compile(fullgraph=True)  # in place, keys unchanged; fullgraph: no silent fallback to eager
+    for step in range(2):
+        step_and_compare(ours, theirs, torch.randn(6, 5, 4, 3) * (1 + step) + step, torch.float32)
+    ours.eval(), theirs.eval()
+    step_and_compare(ours, theirs, torch.randn(6, 5, 4, 3), torch.float32)
