@@ -189,9 +189,9 @@ class StopAndResume(Callback):
     ``<checkpoint dir>/interrupted.ckpt`` (where ``last.ckpt`` goes). A stop on a signal saves it
     at a batch boundary, from which a resumed fit continues exactly; any other exception, or a
     second Ctrl-C, saves the state mid-batch, marked so, and resuming from it warns that it is not
-    exact; weights that are no longer finite (a diverged step) are not saved. A fit that finishes
-    removes the file. Every checkpoint the trainer writes also holds the
-    global RNG states, which a resumed fit restores before its first batch.
+    exact; a diverged run (``NonFiniteLossError``, or weights no longer finite) is not saved. A fit
+    that finishes removes the file. Every checkpoint the trainer writes also holds the global RNG
+    states, which a resumed fit restores before its first batch.
 
     Lightning specifics relied on (2.6): ``trainer._signal_connector.received_sigterm`` is the flag
     the loops check; Lightning installs its SIGTERM handler just before the sanity check, so this
