@@ -4,8 +4,10 @@
 
 For each norm, both run the same model init, batches and optimizer: their losses must agree
 to 5 decimals (the parity check Lightning keeps for itself); the script prints the epoch-time
-ratio (median of the repeats, runs interleaved) and the share of the plain loop's step time
-spent waiting for data. Writes benchmarks/results/train.json and train.md.
+ratio per step (median of every step of every repeat: robust to a slow spell of a shared machine,
+which moves whole-epoch times by 10%) and per epoch, runs interleaved, and the share of the plain
+loop's time spent waiting for data. "loss-only" is Lightning's own floor: a module whose training step
+computes the loss and nothing else (no metrics, no checks), against the same plain loop. Writes benchmarks/results/train.json and train.md.
 """
 
 from __future__ import annotations
@@ -39,16 +41,29 @@ def loader(dm: FashionMNISTDataModule, batches: int | None) -> DataLoader:
                       generator=torch.Generator().manual_seed(0))
 
 
-def fresh_model(norm: str) -> Classifier:
+class LossOnly(Classifier):
+    """Lightning's own floor: a training step that computes the loss and nothing else."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+def fresh_model(norm: str, cls: type[Classifier] = Classifier) -> Classifier:
     torch.manual_seed(0)
-    return Classifier(LeNet(norm), optimizer=partial(torch.optim.SGD, lr=LR[norm]))
+    return cls(LeNet(norm), optimizer=partial(torch.optim.SGD, lr=LR[norm]))
 
 
-def plain_epoch(norm: str, data: DataLoader) -> tuple[float, float, list[float]]:
+def gaps(ends: list[float]) -> list[float]:
+    """Seconds from each step's end to the next one's: a whole step, data and hooks included."""
+    return [b - a for a, b in zip(ends, ends[1:])]
+
+
+def plain_epoch(norm: str, data: DataLoader) -> tuple[float, list[float], float, list[float]]:
     model = fresh_model(norm)
     optimizer = model.configure_optimizers()
     model.train()
-    losses, waiting = [], 0.0
+    losses, ends, waiting = [], [], 0.0
     start = time.perf_counter()
     batches = iter(data)
     while True:
@@ -67,31 +82,35 @@ def plain_epoch(norm: str, data: DataLoader) -> tuple[float, float, list[float]]
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    return time.perf_counter() - start, waiting, losses
+        ends.append(time.perf_counter())
+    return time.perf_counter() - start, gaps(ends), waiting, losses
 
 
 class RecordEpoch(Callback):
-    """Each step's loss, and the epoch's time from its first hook to its last (Trainer setup excluded)."""
+    """Each step's loss and end, and the epoch's time from its first hook to its last (Trainer setup excluded)."""
 
     def __init__(self) -> None:
-        self.losses, self.start, self.seconds = [], 0.0, 0.0
+        self.losses, self.ends, self.start, self.seconds = [], [], 0.0, 0.0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(outputs["loss"].item())
+        self.ends.append(time.perf_counter())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.seconds = time.perf_counter() - self.start
 
 
-def lightning_epoch(norm: str, data: DataLoader) -> tuple[float, list[float]]:
-    model, record = fresh_model(norm), RecordEpoch()
+def lightning_epoch(
+    norm: str, data: DataLoader, cls: type[Classifier] = Classifier
+) -> tuple[float, list[float], list[float]]:
+    model, record = fresh_model(norm, cls), RecordEpoch()
     trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, limit_val_batches=0, callbacks=[record], accelerator="cpu")
     trainer.fit(model, train_dataloaders=data)
-    return record.seconds, record.losses
+    return record.seconds, gaps(record.ends), record.losses
 
 
 def main() -> None:
@@ -108,22 +127,33 @@ def main() -> None:
 
     rows, table = [], []
     for norm in ("none", "scratch", "torch"):
-        plain_times, lightning_times, data_shares = [], [], []
+        epochs = {"plain": [], "Lightning": [], "loss-only": []}
+        steps = {"plain": [], "Lightning": [], "loss-only": []}
+        data_shares = []
         for _ in range(args.repeats):
-            seconds, waiting, plain_losses = plain_epoch(norm, data())
-            plain_times.append(seconds)
+            seconds, step_gaps, waiting, plain_losses = plain_epoch(norm, data())
+            epochs["plain"].append(seconds)
+            steps["plain"] += step_gaps
             data_shares.append(waiting / seconds)
-            seconds, lightning_losses = lightning_epoch(norm, data())
-            lightning_times.append(seconds)
+            seconds, step_gaps, lightning_losses = lightning_epoch(norm, data())
+            epochs["Lightning"].append(seconds)
+            steps["Lightning"] += step_gaps
+            seconds, step_gaps, _ = lightning_epoch(norm, data(), LossOnly)
+            epochs["loss-only"].append(seconds)
+            steps["loss-only"] += step_gaps
         worst = max(abs(a - b) for a, b in zip(plain_losses, lightning_losses))
         assert len(plain_losses) == len(lightning_losses) and worst < 5e-6, f"losses differ by {worst}"
-        plain, lightning, share = (statistics.median(v) for v in (plain_times, lightning_times, data_shares))
-        rows.append({"norm": norm, "plain_s": plain, "lightning_s": lightning, "data_share": share,
-                     "steps": len(plain_losses), "max_loss_difference": worst})
-        table.append([norm, len(plain_losses), f"{plain:.2f}", f"{lightning:.2f}", f"{lightning / plain:.3f}x",
-                      f"{100 * share:.2f}%", f"{worst:.1e}"])
-    text = markdown_table(["norm", "steps", "plain s/epoch", "Lightning s/epoch", "Lightning/plain",
-                           "data share of step", "max loss diff"], table)
+        epoch = {name: statistics.median(v) for name, v in epochs.items()}
+        step = {name: statistics.median(v) for name, v in steps.items()}
+        share = statistics.median(data_shares)
+        rows.append({"norm": norm, "steps": len(plain_losses), "epoch_s": epoch, "step_s": step,
+                     "data_share": share, "max_loss_difference": worst})
+        table.append([norm, len(plain_losses), f"{step['plain'] * 1e3:.2f}", f"{step['Lightning'] * 1e3:.2f}",
+                      f"{step['Lightning'] / step['plain']:.3f}x", f"{step['loss-only'] / step['plain']:.3f}x",
+                      f"{epoch['Lightning'] / epoch['plain']:.3f}x", f"{100 * share:.2f}%", f"{worst:.1e}"])
+    text = markdown_table(["norm", "steps", "plain ms/step", "Lightning ms/step", "Lightning/plain",
+                           "loss-only Lightning/plain", "epoch time Lightning/plain", "data share of step",
+                           "max loss diff"], table)
     print(f"LeNet, batch 256, SGD, one epoch, median of {args.repeats} interleaved repeats, "
           f"{torch.get_num_threads()} threads")
     print(text)
