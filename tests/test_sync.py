@@ -1,8 +1,9 @@
 """Synchronized from-scratch BN: 2 processes on gloo equal 1 process on the joint batch, and a
 DDP fit through the CLI with ``sync_batchnorm`` synchronizes it.
 
-torch.nn.SyncBatchNorm refuses CPU tensors, so on this CPU the reference is what SyncBatchNorm
-is defined to compute: torch's BatchNorm on the batch of all processes together. Each process
+torch.nn.SyncBatchNorm refuses CPU tensors, so on the CPU the reference is what SyncBatchNorm
+is defined to compute: torch's BatchNorm on the batch of all processes together; where a GPU is
+there, a second test compares with SyncBatchNorm itself. Each process
 feeds its slice of a global batch (equal, unequal and empty slices); the outputs and input
 gradients it gets back must be its slice of the reference's, its gamma/beta gradients must sum
 to the reference's (DDP does that sum), and its running statistics must be the reference's.
@@ -48,69 +49,90 @@ CASES = {
 }
 
 
-def _check_case(rank, sizes, shape):
-    """Run our synced layer on this process's slice and compare it with the reference."""
+def _run_on_slice(layer, inputs, grads, begin, end):
+    """STEPS training steps then eval of ``layer`` on this process's rows ``begin:end`` of each batch,
+    its gamma/beta gradients summed over the processes as DDP sums them."""
+    got = []
+    for x, g in zip(inputs, grads):
+        mine = x[begin:end].clone().requires_grad_()
+        y = layer(mine)
+        y.backward(g[begin:end])
+        weight_grad, bias_grad = layer.weight.grad.clone(), layer.bias.grad.clone()
+        dist.all_reduce(weight_grad), dist.all_reduce(bias_grad)
+        got.append((y.detach(), mine.grad, weight_grad, bias_grad))
+        layer.weight.grad = layer.bias.grad = None
+    layer.eval()
+    return got, layer.state_dict(), layer(inputs[0][begin:end]).detach()
+
+
+def _check_case(rank, sizes, shape, device):
+    """Our synced layer on this process's slice against the reference: on the CPU torch's BN on the
+    joint batch, sliced; on a GPU torch's own SyncBatchNorm on the same slice."""
     torch.manual_seed(0)
-    inputs = [torch.randn(sum(sizes), *shape[1:]) * 3 + 1 for _ in range(STEPS)]
+    inputs = [(torch.randn(sum(sizes), *shape[1:]) * 3 + 1).to(device) for _ in range(STEPS)]
     grads = [torch.randn_like(x) for x in inputs]
     ours_cls, torch_cls = (norm.BatchNorm2d, nn.BatchNorm2d) if len(shape) == 4 else (norm.BatchNorm1d, nn.BatchNorm1d)
 
     def make(cls, **kwargs):
         torch.manual_seed(1)
-        layer = cls(shape[1], **kwargs)
+        layer = cls(shape[1], **kwargs).to(device)
         with torch.no_grad():
             layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-0.5, 0.5)
         return layer
 
-    ours = make(ours_cls, sync=True)
     begin, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
-    got = []
-    for x, g in zip(inputs, grads):
-        mine = x[begin:end].clone().requires_grad_()
-        y = ours(mine)
-        y.backward(g[begin:end])
-        weight_grad, bias_grad = ours.weight.grad.clone(), ours.bias.grad.clone()
-        dist.all_reduce(weight_grad), dist.all_reduce(bias_grad)  # what DDP does to parameter grads
-        got.append((y.detach(), mine.grad, weight_grad, bias_grad))
-        ours.weight.grad = ours.bias.grad = None
-    ours.eval()
-    eval_out = ours(inputs[0][begin:end]).detach()
-
-    expected, state, expected_eval = _reference(lambda: make(torch_cls), inputs, grads)
+    got, got_state, got_eval = _run_on_slice(make(ours_cls, sync=True), inputs, grads, begin, end)
+    if device == "cpu":
+        expected, state, expected_eval = _reference(lambda: make(torch_cls), inputs, grads)
+        expected = [(y[begin:end], dx[begin:end], dw, db) for y, dx, dw, db in expected]
+        expected_eval = expected_eval[begin:end]
+    else:
+        expected, state, expected_eval = _run_on_slice(make(nn.SyncBatchNorm), inputs, grads, begin, end)
     for (y, dx, dw, db), (ry, rdx, rdw, rdb) in zip(got, expected):
-        torch.testing.assert_close(y, ry[begin:end], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(dx, rdx[begin:end], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(dw, rdw, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(db, rdb, rtol=1e-5, atol=1e-5)
     for key, value in state.items():
-        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(eval_out, expected_eval[begin:end], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_state[key], value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_eval, expected_eval, rtol=1e-5, atol=1e-5)
 
 
-def _worker(rank, world_size, init_file, results):
+def _worker(rank, world_size, init_file, device, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         for name, (sizes, shape) in CASES.items():
             try:
-                _check_case(rank, sizes, shape)
+                _check_case(rank, sizes, shape, device)
                 results[(name, rank)] = "ok"
-            except AssertionError as err:
-                results[(name, rank)] = str(err)
+            except Exception as err:  # the parent sees no child traceback otherwise
+                results[(name, rank)] = f"{type(err).__name__}: {err}"
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_process_results(tmp_path_factory):
+def _two_processes(init_file, device):
     """Every case run once by 2 gloo processes (one spawn: starting processes is the slow part)."""
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, tmp_path_factory.mktemp("sync") / "init", results), nprocs=2)
+    mp.spawn(_worker, args=(2, init_file, device, results), nprocs=2)
     return dict(results)
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    return _two_processes(tmp_path_factory.mktemp("sync") / "init", "cpu")
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_processes_equal_one_process_on_the_joint_batch(two_process_results, case):
     assert (two_process_results[(case, 0)], two_process_results[(case, 1)]) == ("ok", "ok")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.nn.SyncBatchNorm runs on GPUs only")
+def test_two_processes_match_torchs_sync_batchnorm_on_a_gpu(tmp_path):
+    """Both processes share one GPU over gloo: ours with sync=True against torch's SyncBatchNorm, slice by slice."""
+    results = _two_processes(tmp_path / "init", "cuda")
+    assert results == {(case, rank): "ok" for case in CASES for rank in (0, 1)}
 
 
 def test_without_a_process_group_sync_is_a_no_op():
