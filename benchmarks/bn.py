@@ -28,12 +28,14 @@ class TutorialBatchNorm(nn.Module):
     benchmark measures its speed, not the memory leak it had (benchmarks/memory.py shows that).
     """
 
-    def __init__(self, num_features: int, spatial: bool) -> None:
+    def __init__(self, num_features: int, spatial: bool, device: torch.device) -> None:
         super().__init__()
         shape = (1, num_features, 1, 1) if spatial else (1, num_features)
         self.dims = (0, 2, 3) if spatial else (0,)
-        self.gamma, self.beta = nn.Parameter(torch.ones(shape)), nn.Parameter(torch.zeros(shape))
-        self.moving_mean, self.moving_var = torch.zeros(shape), torch.ones(shape)
+        self.gamma = nn.Parameter(torch.ones(shape, device=device))
+        self.beta = nn.Parameter(torch.zeros(shape, device=device))
+        # Plain attributes, as the tutorial had them: .to(device) does not move them.
+        self.moving_mean, self.moving_var = torch.zeros(shape, device=device), torch.ones(shape, device=device)
 
     def forward(self, x):
         if not self.training:
@@ -54,7 +56,7 @@ def layers(shape, device):
         "torch": (nn.BatchNorm2d if spatial else nn.BatchNorm1d)(channels).to(device),
         "ours": (BatchNorm2d if spatial else BatchNorm1d)(channels).to(device),
         "compiled": torch.compile((BatchNorm2d if spatial else BatchNorm1d)(channels).to(device)),
-        "tutorial": TutorialBatchNorm(channels, spatial).to(device),
+        "tutorial": TutorialBatchNorm(channels, spatial, device),
     }
 
 

@@ -1,9 +1,9 @@
 """Synchronized from-scratch BN: 2 processes on gloo equal 1 process on the joint batch, and a
 DDP fit through the CLI with ``sync_batchnorm`` synchronizes it.
 
-torch.nn.SyncBatchNorm refuses CPU tensors, so on the CPU the reference is what SyncBatchNorm
-is defined to compute: torch's BatchNorm on the batch of all processes together; where a GPU is
-there, a second test compares with SyncBatchNorm itself. Each process
+torch.nn.SyncBatchNorm refuses CPU tensors, so the reference is what SyncBatchNorm is defined to
+compute: torch's BatchNorm on the batch of all processes together (on a GPU too, where a second
+test runs the cases with CUDA tensors). Each process
 feeds its slice of a global batch (equal, unequal and empty slices); the outputs and input
 gradients it gets back must be its slice of the reference's, its gamma/beta gradients must sum
 to the reference's (DDP does that sum), and its running statistics must be the reference's.
@@ -66,8 +66,7 @@ def _run_on_slice(layer, inputs, grads, begin, end):
 
 
 def _check_case(rank, sizes, shape, device):
-    """Our synced layer on this process's slice against the reference: on the CPU torch's BN on the
-    joint batch, sliced; on a GPU torch's own SyncBatchNorm on the same slice."""
+    """Our synced layer on this process's slice against torch's BN on the joint batch, sliced."""
     torch.manual_seed(0)
     inputs = [(torch.randn(sum(sizes), *shape[1:]) * 3 + 1).to(device) for _ in range(STEPS)]
     grads = [torch.randn_like(x) for x in inputs]
@@ -82,12 +81,9 @@ def _check_case(rank, sizes, shape, device):
 
     begin, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
     got, got_state, got_eval = _run_on_slice(make(ours_cls, sync=True), inputs, grads, begin, end)
-    if device == "cpu":
-        expected, state, expected_eval = _reference(lambda: make(torch_cls), inputs, grads)
-        expected = [(y[begin:end], dx[begin:end], dw, db) for y, dx, dw, db in expected]
-        expected_eval = expected_eval[begin:end]
-    else:
-        expected, state, expected_eval = _run_on_slice(make(nn.SyncBatchNorm), inputs, grads, begin, end)
+    expected, state, expected_eval = _reference(lambda: make(torch_cls), inputs, grads)
+    expected = [(y[begin:end], dx[begin:end], dw, db) for y, dx, dw, db in expected]
+    expected_eval = expected_eval[begin:end]
     for (y, dx, dw, db), (ry, rdx, rdw, rdb) in zip(got, expected):
         torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=1e-5)
@@ -128,9 +124,9 @@ def test_two_processes_equal_one_process_on_the_joint_batch(two_process_results,
     assert (two_process_results[(case, 0)], two_process_results[(case, 1)]) == ("ok", "ok")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.nn.SyncBatchNorm runs on GPUs only")
-def test_two_processes_match_torchs_sync_batchnorm_on_a_gpu(tmp_path):
-    """Both processes share one GPU over gloo: ours with sync=True against torch's SyncBatchNorm, slice by slice."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_two_processes_on_a_gpu_equal_one_process_on_the_joint_batch(tmp_path):
+    """The same cases with CUDA tensors, both processes sharing one GPU over gloo."""
     results = _two_processes(tmp_path / "init", "cuda")
     assert results == {(case, rank): "ok" for case in CASES for rank in (0, 1)}
 
