@@ -2,8 +2,8 @@
 DDP fit through the CLI with ``sync_batchnorm`` synchronizes it.
 
 torch.nn.SyncBatchNorm refuses CPU tensors, so the reference is what SyncBatchNorm is defined to
-compute: torch's BatchNorm on the batch of all processes together (on a GPU too, where a second
-test runs the cases with CUDA tensors). Each process
+compute: torch's BatchNorm on the batch of all processes together; where a GPU is there, a second
+test runs the cases with CUDA tensors against that and against SyncBatchNorm itself. Each process
 feeds its slice of a global batch (equal, unequal and empty slices); the outputs and input
 gradients it gets back must be its slice of the reference's, its gamma/beta gradients must sum
 to the reference's (DDP does that sum), and its running statistics must be the reference's.
@@ -57,7 +57,10 @@ def _run_on_slice(layer, inputs, grads, begin, end):
         mine = x[begin:end].clone().requires_grad_()
         y = layer(mine)
         y.backward(g[begin:end])
-        weight_grad, bias_grad = layer.weight.grad.clone(), layer.bias.grad.clone()
+        # torch's SyncBatchNorm leaves no gradient (None) on a process whose slice is empty.
+        weight_grad, bias_grad = (
+            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in (layer.weight, layer.bias)
+        )
         dist.all_reduce(weight_grad), dist.all_reduce(bias_grad)
         got.append((y.detach(), mine.grad, weight_grad, bias_grad))
         layer.weight.grad = layer.bias.grad = None
@@ -66,7 +69,8 @@ def _run_on_slice(layer, inputs, grads, begin, end):
 
 
 def _check_case(rank, sizes, shape, device):
-    """Our synced layer on this process's slice against torch's BN on the joint batch, sliced."""
+    """Our synced layer on this process's slice against torch's BN on the joint batch, sliced, and on a
+    GPU also against torch's SyncBatchNorm on the same slice."""
     torch.manual_seed(0)
     inputs = [(torch.randn(sum(sizes), *shape[1:]) * 3 + 1).to(device) for _ in range(STEPS)]
     grads = [torch.randn_like(x) for x in inputs]
@@ -81,17 +85,19 @@ def _check_case(rank, sizes, shape, device):
 
     begin, end = sum(sizes[:rank]), sum(sizes[: rank + 1])
     got, got_state, got_eval = _run_on_slice(make(ours_cls, sync=True), inputs, grads, begin, end)
-    expected, state, expected_eval = _reference(lambda: make(torch_cls), inputs, grads)
-    expected = [(y[begin:end], dx[begin:end], dw, db) for y, dx, dw, db in expected]
-    expected_eval = expected_eval[begin:end]
-    for (y, dx, dw, db), (ry, rdx, rdw, rdb) in zip(got, expected):
-        torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(dw, rdw, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(db, rdb, rtol=1e-5, atol=1e-5)
-    for key, value in state.items():
-        torch.testing.assert_close(got_state[key], value, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_eval, expected_eval, rtol=1e-5, atol=1e-5)
+    joint, joint_state, joint_eval = _reference(lambda: make(torch_cls), inputs, grads)
+    references = [([(y[begin:end], dx[begin:end], dw, db) for y, dx, dw, db in joint], joint_state, joint_eval[begin:end])]
+    if device != "cpu":  # torch's own SyncBatchNorm runs on GPUs only
+        references.append(_run_on_slice(make(nn.SyncBatchNorm), inputs, grads, begin, end))
+    for expected, state, expected_eval in references:
+        for (y, dx, dw, db), (ry, rdx, rdw, rdb) in zip(got, expected):
+            torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(dx, rdx, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(dw, rdw, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(db, rdb, rtol=1e-5, atol=1e-5)
+        for key, value in state.items():
+            torch.testing.assert_close(got_state[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_eval, expected_eval, rtol=1e-5, atol=1e-5)
 
 
 def _worker(rank, world_size, init_file, device, results):
@@ -124,8 +130,8 @@ def test_two_processes_equal_one_process_on_the_joint_batch(two_process_results,
     assert (two_process_results[(case, 0)], two_process_results[(case, 1)]) == ("ok", "ok")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_two_processes_on_a_gpu_equal_one_process_on_the_joint_batch(tmp_path):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.nn.SyncBatchNorm runs on GPUs only")
+def test_two_processes_on_a_gpu_match_the_joint_batch_and_torchs_sync_batchnorm(tmp_path):
     """The same cases with CUDA tensors, both processes sharing one GPU over gloo."""
     results = _two_processes(tmp_path / "init", "cuda")
     assert results == {(case, rank): "ok" for case in CASES for rank in (0, 1)}
