@@ -57,12 +57,12 @@ def _run_on_slice(layer, inputs, grads, begin, end):
         mine = x[begin:end].clone().requires_grad_()
         y = layer(mine)
         y.backward(g[begin:end])
-        # torch's SyncBatchNorm leaves no gradient (None) on a process whose slice is empty.
-        weight_grad, bias_grad = (
-            torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in (layer.weight, layer.bias)
+        # torch's SyncBatchNorm leaves no gradients (None) on a process whose slice is empty: zeros.
+        input_grad, weight_grad, bias_grad = (
+            torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in (mine, layer.weight, layer.bias)
         )
         dist.all_reduce(weight_grad), dist.all_reduce(bias_grad)
-        got.append((y.detach(), mine.grad, weight_grad, bias_grad))
+        got.append((y.detach(), input_grad, weight_grad, bias_grad))
         layer.weight.grad = layer.bias.grad = None
     layer.eval()
     return got, layer.state_dict(), layer(inputs[0][begin:end]).detach()
