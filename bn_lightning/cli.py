@@ -17,7 +17,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bn_lightning.data import CorruptDataError, DataNotFoundError, DataSizeError, FashionMNISTDataModule
 from bn_lightning.module import Classifier, NonFiniteLossError
-from bn_lightning.resume import EXIT_CODES, StopAndResume, continue_run, find_last_checkpoint, run_folders
+from bn_lightning.resume import (
+    EXIT_CODES,
+    StopAndResume,
+    checkpoint_dir,
+    continue_run,
+    find_last_checkpoint,
+    run_folders,
+)
 from bn_lightning.sync import BatchNormSync
 
 
@@ -93,14 +100,11 @@ class BNLightningCLI(LightningCLI):
             config["weights_only"] = True
 
     def _checkpoint_folders(self) -> list[Path]:
+        """Where ``--ckpt_path last`` looks: every run of the logger's name, unless checkpoints go to one set folder."""
         callback = self.trainer.checkpoint_callback
-        if callback is not None and callback.dirpath:
-            return [Path(callback.dirpath)]
-        if isinstance(self.trainer.logger, TensorBoardLogger):
+        if isinstance(self.trainer.logger, TensorBoardLogger) and not (callback is not None and callback.dirpath):
             return run_folders(self.trainer.logger)
-        if self.trainer.loggers:
-            return [Path(self.trainer.log_dir) / "checkpoints"]
-        return [Path(self.trainer.default_root_dir) / "checkpoints"]
+        return [checkpoint_dir(self.trainer)]
 
     def _resume(self) -> None:
         """``--ckpt_path last``: the newest ``last*.ckpt`` or ``interrupted.ckpt`` of the run (of every

@@ -208,38 +208,31 @@ class FashionMNISTDataModule(LightningDataModule):
         if stage in ("test", "predict") and self.test_set is None:
             self.test_set = self._images(train=False)
 
-    def _loader(self, dataset: InMemoryImages, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: InMemoryImages, loader: type[DataLoader] = DataLoader, **kwargs) -> DataLoader:
+        """Whole batches in the dataset's order; ``loader`` and ``kwargs`` make the training one."""
         workers = self.hparams.num_workers
-        return DataLoader(
+        return loader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
             num_workers=workers,
             persistent_workers=workers > 0,
             collate_fn=_already_batched,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
         seed = self.hparams.shuffle_seed
         if seed is None:
             seed = run_seed() if run_seed() is not None else secrets.randbits(32)
-        workers, batch_size = self.hparams.num_workers, self.hparams.batch_size
-        return ResumableLoader(
-            self.train_set,
-            batch_size=batch_size,
-            seed=seed,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=_already_batched,
-            # A last batch of one image has no batch statistics (BN refuses it); leave that image out.
-            drop_last=len(self.train_set) % batch_size == 1,
-        )
+        # A last batch of one image has no batch statistics (BN refuses it); leave that image out.
+        drop_last = len(self.train_set) % self.hparams.batch_size == 1
+        return self._loader(self.train_set, ResumableLoader, seed=seed, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set)
