@@ -258,6 +258,75 @@ def test_empty_batch_matches_torch(shape):
     step_and_compare(ours, theirs, x, torch.float32)
 
 
+LAYOUTS = {  # every path through the layer: contiguous rows, strided views, and torch's other memory format
+    "contiguous": lambda x: x,
+    "channels_last": lambda x: x.to(memory_format=torch.channels_last),
+    "transposed": lambda x: x.transpose(2, 3).contiguous().transpose(2, 3),
+    "sliced": lambda x: torch.cat([x, x], dim=3)[..., ::2],
+}
+
+
+@pytest.mark.parametrize("grad_layout", ["contiguous", "expanded", "transposed"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_layouts_and_gradient_layouts_match_torch(layout, grad_layout):
+    """Strided inputs and upstream gradients (``y.sum().backward()`` sends an expanded one)
+    take the layer's general path; they must give torch's numbers all the same."""
+    ours, theirs = twins(norm.BatchNorm2d, nn.BatchNorm2d, torch.float32)
+    for training in (True, False):
+        ours.train(training), theirs.train(training)
+        x = LAYOUTS[layout](torch.randn(6, 5, 4, 3) * 2 + 1)
+        grad_out = {
+            "contiguous": torch.randn(6, 5, 4, 3),
+            "expanded": torch.tensor(0.5).expand(6, 5, 4, 3),
+            "transposed": torch.randn(6, 5, 3, 4).transpose(2, 3),
+        }[grad_layout]
+        xo, xt = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        yo, yt = ours(xo), theirs(xt)
+        yo.backward(grad_out), yt.backward(grad_out)
+        torch.testing.assert_close(yo, yt, **TOL[torch.float32])
+        torch.testing.assert_close(xo.grad, xt.grad, **TOL[torch.float32])
+        for po, pt in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):
+            torch.testing.assert_close(po.grad, pt.grad, **TOL[torch.float32])
+            po.grad = pt.grad = None
+        torch.testing.assert_close(ours.running_var, theirs.running_var, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("shape", [(64, 6, 12, 12), (256, 12)])
+def test_a_large_mean_loses_no_more_precision_than_torch(shape):
+    """Data 1000 times further from zero than it is spread (raw features, say): against a
+    float64 reference, our float32 output and gradients are as close as torch's float32 ones."""
+    torch.manual_seed(0)
+    x, grad_out = torch.randn(shape) + 1000, torch.randn(shape)
+    pair = PAIRS[1] if len(shape) == 4 else PAIRS[0]
+
+    def run(layer, dtype):
+        xi = x.to(dtype).requires_grad_()
+        y = layer.to(dtype)(xi)
+        y.backward(grad_out.to(dtype))
+        return [t.double() for t in (y, xi.grad, layer.weight.grad, layer.bias.grad, layer.running_var)]
+
+    reference = run(pair[1](shape[1]), torch.float64)
+    ours, theirs = run(pair[0](shape[1]), torch.float32), run(pair[1](shape[1]), torch.float32)
+    for name, r, o, t in zip(("output", "input grad", "weight grad", "bias grad", "running_var"), reference, ours, theirs):
+        ours_error, torch_error = (o - r).abs().max().item(), (t - r).abs().max().item()
+        assert ours_error <= 4 * torch_error + 1e-6 * r.abs().max().item(), (name, ours_error, torch_error)
+
+
+def test_without_a_graph_to_record_the_output_is_the_same_and_carries_none():
+    """Under no_grad (and for inputs that need no gradient) the layer skips its autograd.Function."""
+    ours, theirs = twins(norm.BatchNorm2d, nn.BatchNorm2d, torch.float32)
+    x = torch.randn(6, 5, 4, 3)
+    for training in (True, False):
+        ours.train(training), theirs.train(training)
+        with torch.no_grad():
+            yo, yt = ours(x), theirs(x)
+        assert yo.grad_fn is None and not yo.requires_grad
+        torch.testing.assert_close(yo, yt, **TOL[torch.float32])
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, **TOL[torch.float32])
+    ours.train()
+    assert ours(x).grad_fn is not None  # weight and bias need gradients: the graph is recorded
+
+
 def test_state_dict_round_trips_both_ways():
     torch.manual_seed(0)
     theirs = nn.BatchNorm2d(4)
@@ -327,3 +396,18 @@ def test_torch_compile_of_our_layer_matches_torch():
         step_and_compare(ours, theirs, torch.randn(6, 5, 4, 3) * (1 + step) + step, torch.float32)
     ours.eval(), theirs.eval()
     step_and_compare(ours, theirs, torch.randn(6, 5, 4, 3), torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(256, 5, 24, 24), (256, 5, 8, 8), (256, 5)])
+def test_on_a_gpu_matches_torch(shape, layout):
+    """Batches of LeNet's sizes as CUDA tensors: train steps, then eval, number for number."""
+    pair = PAIRS[1] if len(shape) == 4 else PAIRS[0]
+    ours, theirs = twins(*pair, torch.float32)
+    ours, theirs = ours.cuda(), theirs.cuda()
+    make = LAYOUTS[layout] if len(shape) == 4 else (lambda x: x)
+    for step in range(3):
+        step_and_compare(ours, theirs, make(torch.randn(shape, device="cuda") * (1 + step) + step), torch.float32)
+    ours.eval(), theirs.eval()
+    step_and_compare(ours, theirs, make(torch.randn(shape, device="cuda")), torch.float32)
