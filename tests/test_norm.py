@@ -37,14 +37,14 @@ def twins(ours_cls, theirs_cls, dtype, **kwargs):
     return ours, theirs
 
 
-def step_and_compare(ours, theirs, x, dtype):
+def step_and_compare(ours, theirs, x, dtype, tol=None):
     """One forward+backward of both on the same input and upstream gradient; compare all."""
     grad_out = torch.randn_like(x)
     xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
     yo, yt = ours(xo), theirs(xt)
     (yo * grad_out).sum().backward()
     (yt * grad_out).sum().backward()
-    tol = TOL[dtype]
+    tol = tol or TOL[dtype]
     torch.testing.assert_close(yo, yt, **tol)
     torch.testing.assert_close(xo.grad, xt.grad, **tol)
     for name in ("weight", "bias"):
@@ -402,12 +402,14 @@ def test_torch_compile_of_our_layer_matches_torch():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(256, 5, 24, 24), (256, 5, 8, 8), (256, 5)])
 def test_on_a_gpu_matches_torch(shape, layout):
-    """Batches of LeNet's sizes as CUDA tensors: train steps, then eval, number for number."""
+    """Batches of LeNet's sizes as CUDA tensors: train steps, then eval, number for number (gamma's
+    and beta's gradients sum up to 147,456 float32 values, whose last digits follow the order of summation)."""
+    tol = dict(rtol=1e-4, atol=1e-4)
     pair = PAIRS[1] if len(shape) == 4 else PAIRS[0]
     ours, theirs = twins(*pair, torch.float32)
     ours, theirs = ours.cuda(), theirs.cuda()
     make = LAYOUTS[layout] if len(shape) == 4 else (lambda x: x)
     for step in range(3):
-        step_and_compare(ours, theirs, make(torch.randn(shape, device="cuda") * (1 + step) + step), torch.float32)
+        step_and_compare(ours, theirs, make(torch.randn(shape, device="cuda") * (1 + step) + step), torch.float32, tol)
     ours.eval(), theirs.eval()
-    step_and_compare(ours, theirs, make(torch.randn(shape, device="cuda")), torch.float32)
+    step_and_compare(ours, theirs, make(torch.randn(shape, device="cuda")), torch.float32, tol)
