@@ -6,6 +6,9 @@ Forward+backward in train mode and forward in eval mode, float32, at LeNet's BN 
 larger map. Prints medians and ratios to torch's layer measured in this same process, and
 writes benchmarks/results/bn.json and bn.md. "compiled" is our layer under ``torch.compile``
 (what ``model.compile: true`` does to the whole network); its compile time is not counted.
+Peak memory is what the allocator holds at its highest during one training step, above what
+it held before (``torch.cuda.max_memory_allocated`` on a GPU, torch.profiler's memory events
+on the CPU), so temporaries freed inside an op count and views do not.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from bn_lightning.norm import BatchNorm1d, BatchNorm2d
-from common import PeakTensorBytes, markdown_table, median_times, write_results
+from common import PeakAllocatedBytes, markdown_table, median_times, write_results
 
 SHAPES = [(256, 6, 24, 24), (256, 16, 8, 8), (256, 120), (256, 64, 32, 32)]
 
@@ -66,6 +69,8 @@ def train_step(layer, x, grad_out):
 
 
 def peak_bytes(layer, x, grad_out) -> int:
+    """Peak memory of one training step above what was held before it (x's old gradient freed first)."""
+    x.grad = None
     if x.is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -73,7 +78,7 @@ def peak_bytes(layer, x, grad_out) -> int:
         train_step(layer, x, grad_out)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    with PeakTensorBytes() as counter:
+    with PeakAllocatedBytes() as counter:
         train_step(layer, x, grad_out)
     return counter.peak
 

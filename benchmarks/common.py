@@ -1,17 +1,16 @@
-"""What the benchmarks share: interleaved timing with medians, tensor-memory accounting, output."""
+"""What the benchmarks share: interleaved timing with medians, allocator-level memory accounting, output."""
 
 from __future__ import annotations
 
 import json
 import platform
 import statistics
+import tempfile
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.profiler import ProfilerActivity
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,31 +30,29 @@ def median_times(candidates: dict, repeats: int, number: int) -> dict[str, float
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-class PeakTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensors created by torch ops while active (forward and backward alike).
+class PeakAllocatedBytes:
+    """Peak bytes the CPU allocator holds, above what it held at the start, while active.
 
-    Every op's new output storage is counted until its tensor dies; views and in-place
-    results are not new memory. The CPU allocator keeps no statistics of its own, so this
-    is the CPU stand-in for ``torch.cuda.max_memory_allocated``.
+    Each of torch.profiler's memory events carries the allocator's running total, so a
+    temporary allocated and freed inside one op (as torch's own BN backward does) counts,
+    and a view never does. The CPU stand-in for ``torch.cuda.max_memory_allocated``.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
+    def __enter__(self) -> "PeakAllocatedBytes":
+        self._profile = torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+        return self
 
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {id(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and id(t) not in inputs and t._base is None:
-                nbytes = t.untyped_storage().nbytes()
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(t, self._free, nbytes)
-        return out
+    def __exit__(self, *exc) -> None:
+        self._profile.__exit__(*exc)
+        with tempfile.TemporaryDirectory() as folder:
+            trace = Path(folder) / "trace.json"
+            self._profile.export_chrome_trace(str(trace))
+            events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+        events.sort(key=lambda e: e["ts"])
+        totals = [e["args"]["Total Allocated"] for e in events]
+        start = totals[0] - events[0]["args"]["Bytes"] if events else 0
+        self.peak = max(totals, default=start) - start
 
 
 def environment() -> dict:
