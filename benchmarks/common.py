@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -62,6 +63,8 @@ def environment() -> dict:
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        # glibc's allocator settings, when set: they decide whether freed memory is page-faulted back in.
+        "malloc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
 
 

@@ -246,18 +246,21 @@ def batch_norm(
     """
     if input.dim() < 2:
         raise ValueError(f"batch_norm expects input of at least 2 dimensions (N, C, ...), got {input.dim()}D")
-    count = _values_per_channel(input)
-    if training and count == 1 and process_group is None:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     _check_channels(input, "running_mean", running_mean)
     _check_channels(input, "running_var", running_var)
     _check_channels(input, "weight", weight)
     _check_channels(input, "bias", bias)
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, process_group)
 
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, process_group) -> Tensor:
+    """:func:`batch_norm` once its arguments' shapes are known to fit; the layers, which check their own, call it directly."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if training and process_group is None and _values_per_channel(input) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
     # Batch statistics in training, and in eval when there are no buffers to normalize with;
     # the buffers are updated only when batch statistics are taken and both are given.
     use_batch_stats = training or running_mean is None or running_var is None
@@ -395,7 +398,7 @@ class _BatchNorm(nn.Module):
         use_batch_stats = self.training or self.running_mean is None
         # Buffers go in when they normalize (eval) or are to be updated (tracked training).
         pass_buffers = not self.training or self.track_running_stats
-        return batch_norm(
+        return _batch_norm(
             input,
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
