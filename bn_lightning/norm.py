@@ -118,7 +118,7 @@ def _forward(x, weight, bias, running_mean, running_var, use_batch_stats, moment
     the buffer then scaled and shifted in place: four passes and one allocation of x's size.
     """
     ndim, count = x.dim(), _values_per_channel(x)
-    xs = x if x.dtype == _stats_dtype(x) else x.to(_stats_dtype(x))
+    xs = x.to(_stats_dtype(x))
     if use_batch_stats:
         total = _channel_sum(xs)
         if process_group is not None:
@@ -186,8 +186,7 @@ class _BatchNormFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         through_stats = need_x and ctx.use_batch_stats
         grad_x = grad_w = grad_b = None
-        dy = grad_out if grad_out.dtype == mean.dtype else grad_out.to(mean.dtype)
-        xs = x if x.dtype == mean.dtype else x.to(mean.dtype)
+        dy, xs = grad_out.to(mean.dtype), x.to(mean.dtype)
 
         # The backward's only reductions: sum(dy) and sum(dy * (x - mean)) per channel, the latter
         # made in the buffer that then becomes grad_x: one full-size allocation, as in torch's own
