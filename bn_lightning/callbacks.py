@@ -27,13 +27,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm as TorchBatchNorm
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from bn_lightning import model
+from bn_lightning._private import write_summary
 from bn_lightning.norm import _BatchNorm as ScratchBatchNorm
 
-BATCH_NORMS = (ScratchBatchNorm, TorchBatchNorm)
+# torch's SyncBatchNorm and the LazyBatchNorm classes (once built) are subclasses of these.
+BATCH_NORMS = (ScratchBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 ACTIVATIONS = tuple(model.ACTIVATIONS.values())
 PERCENTILES = (15, 50, 85)
 HISTOGRAM_BINS = 64
@@ -462,7 +463,7 @@ class TensorBoardComparison(Callback):
       then the charts of every other callback that has a ``custom_scalars()`` layout (the
       monitors here). It is written with ``SummaryWriter.add_custom_scalars`` at step 0 into
       the run's own event file, once: TensorBoard reads one layout per run.
-    - An HParams session: norm, activation, pool, optimizer, lr, batch_size and seed, with
+    - An HParams session: norm, activation, pool, optimizer, lr, batch_size and shuffle_seed, with
       ``metrics`` (the last value logged under each tag) as the columns to compare.
       Set ``default_hp_metric: false`` on the TensorBoardLogger, so that Lightning does not
       write a session of its own with a placeholder ``hp_metric``.
@@ -492,7 +493,7 @@ class TensorBoardComparison(Callback):
             writer.add_custom_scalars(layout)
             # What TensorBoardLogger.log_hyperparams writes, without its placeholder metric values.
             for summary in summaries:
-                writer._get_file_writer().add_summary(summary, global_step=0)
+                write_summary(writer, summary)
 
     def layout(self, trainer: Trainer) -> Layout:
         training = {
@@ -510,17 +511,16 @@ class TensorBoardComparison(Callback):
 
     @staticmethod
     def hparams(trainer: Trainer, pl_module: LightningModule) -> tuple[dict, dict]:
-        """The run's hyperparameters, and the choices of each discrete one (filters in the dashboard)."""
+        """The run's hyperparameters, and the choices of each discrete one (filters in the dashboard): the
+        network's choices from the module's hyperparameters, batch size and training-order seed from the
+        datamodule's (the CLI sets that seed to the run's ``seed_everything``), the optimizer as it runs."""
         optimizer = trainer.optimizers[0]
         hparams = {"optimizer": type(optimizer).__name__, "lr": optimizer.param_groups[0]["lr"]}
         domains = {}
-        net = getattr(pl_module, "net", pl_module)
+        net = pl_module.hparams.get("net", {}).get("init_args", {})
         for choice, table in (("norm", model.NORMS), ("activation", model.ACTIVATIONS), ("pool", model.POOLS)):
-            if isinstance(getattr(net, choice, None), str):
-                hparams[choice], domains[choice] = getattr(net, choice), list(table)
-        datamodule_hparams = getattr(trainer.datamodule, "hparams", {})
-        if "batch_size" in datamodule_hparams:
-            hparams["batch_size"] = datamodule_hparams["batch_size"]
-        if "PL_GLOBAL_SEED" in os.environ:  # set by seed_everything
-            hparams["seed"] = int(os.environ["PL_GLOBAL_SEED"])
+            if choice in net:
+                hparams[choice], domains[choice] = net[choice], list(table)
+        data = getattr(trainer.datamodule, "hparams", {})
+        hparams |= {key: data[key] for key in ("batch_size", "shuffle_seed") if key in data}
         return hparams, domains

@@ -6,30 +6,26 @@ import re
 import signal
 import sys
 import warnings
+from importlib import import_module
 from pathlib import Path
 
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from bn_lightning.data import CorruptDataError, DataNotFoundError, DataSizeError, FashionMNISTDataModule
-from bn_lightning.module import Classifier, NonFiniteLossError
-from bn_lightning.resume import (
-    EXIT_CODES,
-    StopAndResume,
-    checkpoint_dir,
-    continue_run,
-    find_last_checkpoint,
-    run_folders,
-)
+from bn_lightning._private import known_subclasses
+from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.errors import CLEAR_ERRORS
+from bn_lightning.module import Classifier
+from bn_lightning.resume import EXIT_CODES, StopAndResume, find_last_checkpoint, run_folders
 from bn_lightning.sync import BatchNormSync
 
-
-# Errors whose message says what went wrong and how to fix it: the CLI prints it without a traceback.
-CLEAR_ERRORS = (DataNotFoundError, CorruptDataError, DataSizeError, NonFiniteLossError)
+# What every run shares; a run config says only what differs (configs/*.yaml).
+DEFAULTS = Path(__file__).with_name("defaults.yaml")
 
 
 class _ArgumentParser(LightningArgumentParser):
@@ -39,102 +35,96 @@ class _ArgumentParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None):
         key = re.match(r'Parser key "([^"]+)"', message)
-        action = key and self._option_string_actions.get(f"--{key[1]}")
-        known = getattr(action, "extra_help", lambda: "")().partition("known subclasses: ")[2]
+        known = key and known_subclasses(self, key[1])
         if known and known.count(",") < 30 and "Problem with given class_path" not in message:
             message += f"\n  {key[1]} takes one of: {known} (a class name alone, as in SGD, will do)"
         super().error(message, ex)
 
 
 class BNLightningCLI(LightningCLI):
-    """LightningCLI with LeNet as the default network, a checkpoint callback always on, and
-    ``fit`` followed by ``test`` on the best checkpoint, logged into the same run (so a run's
-    TensorBoard folder holds its final test accuracy beside its curves)."""
+    """LightningCLI with the shared settings of ``defaults.yaml`` as defaults, a checkpoint callback
+    always on, and ``fit`` followed by ``test`` on the best checkpoint, logged into the same run (so a
+    run's TensorBoard folder holds its final test accuracy beside its curves)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="fit only: test the best checkpoint when fit ends"
         )
-        parser.set_defaults({"model.net": {"class_path": "bn_lightning.model.LeNet"}})
-        # Always keep the best epoch by validation accuracy ...
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/acc",
-                "checkpoint.mode": "max",
-                "checkpoint.filename": "best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
-        )
-        # ... and last.ckpt, rewritten at the end of every epoch (for --ckpt_path last). Not through the
-        # callback above's save_last: Lightning 2.6 rewrites that one only when a new best is saved.
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
-        parser.set_defaults({"last_checkpoint.filename": "last", "last_checkpoint.enable_version_counter": False})
+        parser.set_defaults(yaml.safe_load(DEFAULTS.read_text()))
 
-    def instantiate_trainer(self, **kwargs):
-        """``trainer.sync_batchnorm: true`` synchronizes our BN as well as torch's (BatchNormSync)."""
-        trainer = self._get(self.config_init, "trainer", default={})
-        if trainer.get("sync_batchnorm") and "plugins" not in kwargs:
-            plugins = trainer.get("plugins") or []
-            kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), BatchNormSync()]
-        return super().instantiate_trainer(**kwargs)
-
-    def before_fit(self) -> None:
-        self._load_weights_only()
-        self._resume()
-
-    def before_validate(self) -> None:
-        self._load_weights_only()
-
-    def before_test(self) -> None:
-        self._load_weights_only()
-
-    def before_predict(self) -> None:
-        self._load_weights_only()
-
-    def _load_weights_only(self) -> None:
-        """Checkpoints load with ``torch.load(weights_only=True)`` unless ``--weights_only false`` says otherwise:
-        ours hold tensors, numbers, strings and containers only, nothing to unpickle."""
-        config = self.config_init[self.subcommand]
+    def before_instantiate_classes(self) -> None:
+        """Settings decided before anything is built, written into the config so that config.yaml records
+        them: the training order's seed, weights-only checkpoint loading, and where ``--ckpt_path last`` resumes."""
+        config = self.config[self.subcommand]
+        if config.data.shuffle_seed is None:  # the DataModule's own default: seed_everything's seed, set by now
+            config.data.shuffle_seed = torch.initial_seed()
         if config.get("weights_only") is None:
-            config["weights_only"] = True
+            # Our checkpoints hold tensors, numbers, strings and containers only, nothing to unpickle.
+            config.weights_only = True
+        if self.subcommand == "fit":
+            self._resume(config)
 
-    def _checkpoint_folders(self) -> list[Path]:
-        """Where ``--ckpt_path last`` looks: every run of the logger's name, unless checkpoints go to one set folder."""
-        callback = self.trainer.checkpoint_callback
-        if isinstance(self.trainer.logger, TensorBoardLogger) and not (callback is not None and callback.dirpath):
-            return run_folders(self.trainer.logger)
-        return [checkpoint_dir(self.trainer)]
-
-    def _resume(self) -> None:
+    def _resume(self, config) -> None:
         """``--ckpt_path last``: the newest ``last*.ckpt`` or ``interrupted.ckpt`` of the run (of every
-        ``version_*`` of the logger's name when its version is not set); no checkpoint yet starts a new run,
-        so a job can always pass it. A checkpoint inside one of the logger's run folders is resumed into
-        that folder: TensorBoard events from its step on are replaced, the checkpoint callback keeps its
-        best-so-far, and the resumed command's config is saved beside the first as ``config.resumed-step<N>.yaml``."""
-        config = self.config_init[self.subcommand]
-        ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last":
-            folders = self._checkpoint_folders()
+        ``version_*`` of the logger's name when its version is not set); no checkpoint yet starts a new
+        run, so a job can always pass it. A checkpoint inside one of the TensorBoard logger's run folders
+        is resumed into that folder: the logger is built with that version and ``purge_step``, so
+        TensorBoard drops the events the stopped process logged from the checkpoint's step on; the
+        checkpoint callback keeps its best-so-far, and the resumed command's config is saved beside the
+        first as ``config.resumed-step<N>.yaml``."""
+        logger = _tensorboard_logger_args(config.trainer.logger)
+        root = logger and Path(logger.save_dir) / (logger.name or "")
+        if config.ckpt_path == "last":
+            folders = self._checkpoint_folders(config, root, logger)
             found = find_last_checkpoint(folders)
             if found is None:
                 rank_zero_info(f"--ckpt_path last: no checkpoint in {', '.join(map(str, folders)) or 'no run folder'}"
                                "; starting a new run.")
-                config["ckpt_path"] = None
+                config.ckpt_path = None
                 return
-            config["ckpt_path"] = ckpt_path = str(found)
-        if not ckpt_path or not Path(ckpt_path).is_file() or not isinstance(self.trainer.logger, TensorBoardLogger):
+            config.ckpt_path = str(found)
+        checkpoint = Path(config.ckpt_path) if config.ckpt_path else None
+        if checkpoint is None or not checkpoint.is_file() or root is None:
             return  # "best", "hpc", a missing file...: Lightning's own handling and messages
-        step = torch.load(ckpt_path, map_location="cpu", weights_only=config["weights_only"])["global_step"]
-        if not continue_run(self.trainer.logger, Path(ckpt_path), step):
+        run = checkpoint.resolve().parent.parent
+        if checkpoint.resolve().parent.name != "checkpoints" or run.parent != root.resolve():
+            return  # not one of this logger's runs: a new run starts from its weights
+        if logger.version is not None and run_folders(root, logger.version)[0].parent.resolve() != run:
             return
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, SaveConfigCallback):
-                callback.config_filename, callback.overwrite = f"config.resumed-step{step}.yaml", True
+        step = torch.load(checkpoint, map_location="cpu", weights_only=config.weights_only)["global_step"]
+        if step <= 0:
+            return
+        # The SummaryWriter's purge_step writes a SessionLog START at step: TensorBoard's readers drop
+        # every older event at that step or later, which the resumed process logs again.
+        logger.version, logger.purge_step, logger.default_hp_metric = run.name, step, False
+        self.save_config_kwargs |= {"config_filename": f"config.resumed-step{step}.yaml", "overwrite": True}
         # The checkpoint folder is the run's own, of course not empty.
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-        rank_zero_info(f"Resuming {ckpt_path} at step {step} in {self.trainer.logger.log_dir}: "
+        rank_zero_info(f"Resuming {checkpoint} at step {step} in {run}: "
                        f"its TensorBoard events from step {step} on are replaced.")
+
+    def _checkpoint_folders(self, config, root: Path | None, logger) -> list[Path]:
+        """Where ``--ckpt_path last`` looks: checkpoint.dirpath when set, else the TensorBoard logger's
+        runs, else (no logger) the trainer's ``default_root_dir``, as Lightning places checkpoints."""
+        if config.checkpoint.dirpath:
+            return [Path(config.checkpoint.dirpath)]
+        if root is not None:
+            return run_folders(root, logger.version)
+        if not config.trainer.logger:
+            return [Path(config.trainer.default_root_dir or ".") / "checkpoints"]
+        self.parser.error("--ckpt_path last looks for the run's checkpoints in the TensorBoard logger's run "
+                          "folders or in checkpoint.dirpath: set --checkpoint.dirpath, or give --ckpt_path the "
+                          "checkpoint's path")
+
+    def instantiate_trainer(self, **kwargs):
+        """``trainer.sync_batchnorm: true`` synchronizes our BN as well as torch's (BatchNormSync)."""
+        trainer = self.config_init[self.subcommand].trainer
+        if trainer.sync_batchnorm and "plugins" not in kwargs:
+            plugins = trainer.plugins or []
+            kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), BatchNormSync()]
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         """A constructor's ValueError is a bad setting: reported as a parse error, without a traceback."""
@@ -164,6 +154,15 @@ class BNLightningCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None, weights_only=True)
 
 
+def _tensorboard_logger_args(logger):
+    """The init_args of a configured TensorBoardLogger (a subclass too), or None for any other logger or none."""
+    if not (hasattr(logger, "class_path") and logger.init_args is not None):
+        return None
+    module, _, name = logger.class_path.rpartition(".")
+    cls = getattr(import_module(module), name) if module else None
+    return logger.init_args if isinstance(cls, type) and issubclass(cls, TensorBoardLogger) else None
+
+
 def main(args=None) -> BNLightningCLI:
     """Run the CLI. A fit stopped by SIGTERM or Ctrl-C (``StopAndResume``, on in every run) exits with
     status 143 or 130, as a shell reports those signals, after saving ``checkpoints/interrupted.ckpt``."""
@@ -172,15 +171,7 @@ def main(args=None) -> BNLightningCLI:
         return BNLightningCLI(
             Classifier,
             FashionMNISTDataModule,
-            seed_everything_default=42,
-            trainer_defaults={
-                "max_epochs": 10,
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "lightning_logs", "name": "default"},
-                },
-                "callbacks": [stopper],
-            },
+            trainer_defaults={"callbacks": [stopper]},  # the rest of the defaults: defaults.yaml
             args=args,
             parser_class=_ArgumentParser,
             parser_kwargs={"prog": "python -m bn_lightning"},

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import secrets
 import struct
 from pathlib import Path
 
@@ -14,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.utils import extract_archive
 
-from bn_lightning.resume import ResumableLoader, run_seed
+from bn_lightning.errors import CorruptDataError, DataNotFoundError, DataSizeError
+from bn_lightning.sampling import ResumableLoader
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -23,18 +23,6 @@ RAW_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 CLASSES = FashionMNIST.classes
-
-
-class DataNotFoundError(FileNotFoundError):
-    """The Fashion-MNIST files are not on disk and could not be downloaded."""
-
-
-class CorruptDataError(ValueError):
-    """A Fashion-MNIST file on disk is cut short or is not the file its name says: it must be replaced."""
-
-
-class DataSizeError(ValueError):
-    """A size setting that the data on disk cannot satisfy."""
 
 
 def _corrupt(path: Path, problem: str) -> CorruptDataError:
@@ -117,8 +105,9 @@ class FashionMNISTDataModule(LightningDataModule):
         num_workers: DataLoader worker processes; 0 is fastest here, since a batch is one slice.
         download: fetch the files when they are missing.
         shuffle_seed: the training order of epoch ``e`` is a permutation drawn from ``(shuffle_seed, e)``
-            alone (``ResumableLoader``), so a run resumed mid-epoch serves the rest of the same order;
-            None takes the run's ``seed_everything`` seed (an unseeded run draws one at random).
+            alone (``ResumableLoader``), so a run resumed mid-epoch serves the rest of the same order.
+            None takes the seed torch's global RNG was seeded with (``seed_everything``'s, when called),
+            recorded in the hyperparameters; the CLI writes that value into the run's config.yaml.
     """
 
     def __init__(
@@ -141,6 +130,8 @@ class FashionMNISTDataModule(LightningDataModule):
         if std <= 0:
             raise ValueError(f"std must be positive (inputs are divided by it), got {std}")
         data_dir = str(data_dir)  # saved as text: a Path in the checkpoint would not load weights-only
+        if shuffle_seed is None:
+            shuffle_seed = torch.initial_seed()
         self.save_hyperparameters()
         self.data_dir = Path(data_dir)
         self.train_set = self.val_set = self.test_set = None
@@ -223,12 +214,9 @@ class FashionMNISTDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        seed = self.hparams.shuffle_seed
-        if seed is None:
-            seed = run_seed() if run_seed() is not None else secrets.randbits(32)
         # A last batch of one image has no batch statistics (BN refuses it); leave that image out.
         drop_last = len(self.train_set) % self.hparams.batch_size == 1
-        return self._loader(self.train_set, ResumableLoader, seed=seed, drop_last=drop_last)
+        return self._loader(self.train_set, ResumableLoader, seed=self.hparams.shuffle_seed, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

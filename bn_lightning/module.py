@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -9,6 +11,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+from bn_lightning._private import is_logging_step
+from bn_lightning.errors import NonFiniteLossError
 
 STAGES = ("train", "val", "test")
 
@@ -20,12 +25,13 @@ torch.serialization.add_safe_globals(
 )
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Training diverged: a step's loss, or the weights it left, are NaN or infinite.
-
-    Raised before any checkpoint can hold those weights; the in-memory model is not worth
-    saving, and checkpoints written before this step are the last good ones.
-    """
+def network_hparams(net: nn.Module) -> dict:
+    """The network as LightningCLI's config writes it: its class path, and the constructor arguments it
+    keeps as attributes of the same name with a plain value (LeNet's norm, activation and pool)."""
+    cls = type(net)
+    values = {name: getattr(net, name, None) for name in inspect.signature(cls).parameters}
+    init_args = {name: value for name, value in values.items() if isinstance(value, (str, int, float, bool))}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 
 class Classifier(LightningModule):
@@ -41,9 +47,10 @@ class Classifier(LightningModule):
 
     def __init__(self, net: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD, num_classes: int = 10) -> None:
         super().__init__()
-        # The network's own config is kept by LightningCLI in config.yaml beside the logs;
-        # a module in hparams would be pickled into every checkpoint.
+        # The network is described in the hyperparameters, not kept there: a module in hparams would be
+        # pickled into every checkpoint.
         self.save_hyperparameters(ignore=["net"])
+        self.hparams["net"] = network_hparams(net)
         self.net = net
         self.optimizer = optimizer
         # Keyed "<stage>_acc" / "<stage>_loss": a bare "train" key would clash with Module.train.
@@ -88,9 +95,8 @@ class Classifier(LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits, y)
         accuracy, mean_loss = self.metrics[f"{stage}_acc"], self.metrics[f"{stage}_loss"]
-        if stage == "train" and (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            # Step values only on the steps the logger writes (Lightning's own rule): each self.log
-            # costs ~0.4 ms on the CPU, 7% of a LeNet step. Calling a metric adds the batch to its
+        if stage == "train" and is_logging_step(self.trainer):
+            # Step values only on the steps the logger writes. Calling a metric adds the batch to its
             # sums and returns the batch's own value.
             step_values = {"train/loss_step": mean_loss(loss, weight=y.numel()), "train/acc_step": accuracy(logits, y)}
             self.log_dict(step_values, prog_bar=True)
@@ -133,7 +139,7 @@ class Classifier(LightningModule):
         if bad_weights:
             more = " and more" if bad_weights[4:] else ""
             weights = f"; not finite after the update: {', '.join(bad_weights[:4])}{more}"
-        no_norm = getattr(self.net, "norm", None) == "none"  # LeNet says which it has
+        no_norm = self.hparams.net["init_args"].get("norm") == "none"
         normalize = " or by normalizing (model.net.init_args.norm: scratch or torch)" if no_norm else ""
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         raise NonFiniteLossError(

@@ -1,20 +1,14 @@
 """Stop a run at any moment and continue it exactly where it stopped.
 
-Three pieces, wired into every run by ``bn_lightning.cli``:
+Wired into every run by ``bn_lightning.cli``, with the training order of ``bn_lightning.sampling``:
 
-- ``EpochShuffle`` and ``ResumableLoader``: the training order is a permutation drawn from
-  ``(seed, epoch)`` alone, never from the global RNG, and the loader's position in the epoch is part
-  of every checkpoint (Lightning saves the ``state_dict`` of a train loader that has one, and loads it
-  back before the resumed epoch's first batch), so a resumed epoch serves the batches the stopped
-  one had not served yet, in the same order.
 - ``StopAndResume``: on SIGTERM or a first Ctrl-C, training stops after the training batch (and the
   validation, when one is due) in progress, the way Lightning stops on SIGTERM, and the state at that
   moment is saved to ``checkpoints/interrupted.ckpt`` beside the run's ``last.ckpt``; any other
   exception during training (or a second Ctrl-C) saves it too, marked as taken mid-batch. Every
   checkpoint also holds the global RNG states, restored when training resumes.
-- ``find_last_checkpoint`` and ``continue_run``: ``--ckpt_path last`` finds the newest of the run's
-  ``last*.ckpt`` and ``interrupted.ckpt``, and the resumed fit writes into the same TensorBoard folder,
-  purging from the checkpoint's step what the stopped process logged after it.
+- ``find_last_checkpoint`` and ``run_folders``: ``--ckpt_path last`` finds the newest of the run's
+  ``last*.ckpt`` and ``interrupted.ckpt``; the CLI then builds the logger into that run's folder.
 """
 
 from __future__ import annotations
@@ -23,123 +17,20 @@ import os
 import random
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bn_lightning.module import NonFiniteLossError
+from bn_lightning._private import rewind_to_last_completed_batch, set_stop_requested
+from bn_lightning.errors import NonFiniteLossError
 
 INTERRUPTED = "interrupted"  # checkpoints/interrupted.ckpt: the state when a run stopped early
 EXIT_CODES = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}  # as a shell reports them
-
-
-def run_seed() -> int | None:
-    """The seed ``seed_everything`` gave this process (LightningCLI calls it), if any."""
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    return int(seed) if seed is not None else None
-
-
-class EpochShuffle(Sampler[int]):
-    """Indices ``0 .. size - 1``, shuffled by a permutation that depends on ``(seed, epoch)`` only.
-
-    Lightning calls ``set_epoch`` before every training epoch. ``skip(n)`` makes the next iteration
-    start at the ``n``-th index of the epoch's order (the loader uses it to resume mid-epoch);
-    ``len`` stays the whole epoch's, so Lightning's count of batches per epoch does not change.
-    """
-
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch = 0
-        self._skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def skip(self, count: int) -> None:
-        self._skip = count
-
-    def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.size)
-        # Seed and epoch mixed by numpy's SeedSequence: seed 1 epoch 0 and seed 0 epoch 1 differ.
-        words = np.random.SeedSequence(self.seed % 2**63, spawn_key=(epoch,)).generate_state(2, np.uint32)
-        generator = torch.Generator().manual_seed((int(words[0]) << 31) ^ int(words[1]))
-        return torch.randperm(self.size, generator=generator)
-
-    def __iter__(self) -> Iterator[int]:
-        skip, self._skip = self._skip, 0
-        return iter(self.order(self.epoch)[skip:].tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader over ``EpochShuffle`` whose position in the epoch is saved in checkpoints.
-
-    ``state_dict()`` is ``{"seed", "epoch", "batches"}``: the batches of this epoch the loader has
-    handed out. Lightning 2.x saves it in every checkpoint (``FitLoop.on_save_checkpoint`` stores the
-    ``state_dict`` of each train loader that has ``state_dict``/``load_state_dict``) and, when a fit
-    resumes mid-epoch, calls ``load_state_dict`` before creating the epoch's iterator; the next
-    iteration then skips those batches, by starting the sampler past their indices (nothing is
-    loaded twice). Lightning fetches no batch ahead from a loader whose length it knows, so the count
-    equals the batches training has taken. Its own ``torch.Generator`` seeds worker processes, so
-    iterating draws nothing from the global RNG either.
-
-    Given a ``sampler`` (Lightning rebuilds the loader with a ``DistributedSampler`` around ours for
-    multi-process training), it is a plain DataLoader: a resumed epoch starts over.
-    """
-
-    def __init__(
-        self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, sampler: Sampler | None = None, **kwargs
-    ) -> None:
-        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
-        self.resumable = sampler is None
-        if sampler is None:
-            sampler = EpochShuffle(len(dataset), seed, shuffle)
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
-        self._skip = 0
-        self._epoch, self._served = 0, 0  # the epoch being served and how many batches of it went out
-
-    def __iter__(self) -> Iterator:
-        # The skip is taken now, not when the first batch is asked for: Lightning may create an
-        # iterator it never draws from (resuming at an epoch's end), and the next epoch's must not skip.
-        skip, self._skip = self._skip, 0
-        return self._batches(skip)
-
-    def _batches(self, skip: int) -> Iterator:
-        if not self.resumable:
-            yield from super().__iter__()
-            return
-        # Runs from the first next(), after Lightning's set_epoch for this epoch.
-        self._epoch, self._served = self.sampler.epoch, skip
-        self.sampler.skip(skip * self.batch_size)
-        for batch in super().__iter__():
-            self._served += 1
-            yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        if not self.resumable:
-            return {}
-        if self.sampler.epoch != self._epoch:  # a new epoch is set but none of its batches went out yet
-            return {"seed": self.sampler.seed, "epoch": self.sampler.epoch, "batches": 0}
-        return {"seed": self.sampler.seed, "epoch": self._epoch, "batches": self._served}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if not self.resumable or not state:
-            return
-        self.sampler.seed = state["seed"]
-        self.sampler.set_epoch(state["epoch"])
-        self._epoch, self._served = state["epoch"], state["batches"]
-        self._skip = state["batches"]
 
 
 def rng_states() -> dict:
@@ -193,8 +84,8 @@ class StopAndResume(Callback):
     that finishes removes the file. Every checkpoint the trainer writes also holds the global RNG
     states, which a resumed fit restores before its first batch.
 
-    Lightning specifics relied on (2.6): ``trainer._signal_connector.received_sigterm`` is the flag
-    the loops check; Lightning installs its SIGTERM handler just before the sanity check, so this
+    Lightning specifics relied on (2.6): the flag its loops check on SIGTERM (``set_stop_requested``);
+    Lightning installs its SIGTERM handler just before the sanity check, so this
     callback installs its own from ``on_sanity_check_start``/``on_train_start`` on and restores the
     previous ones when training ends. Single-process training only: with several processes
     (``trainer.world_size > 1``) it does nothing, leaving SIGTERM to Lightning, whose checkpoint
@@ -222,15 +113,8 @@ class StopAndResume(Callback):
         if not self._saving or self._saving["at_batch_boundary"]:
             return
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        if progress.processed < progress.ready:
-            # Stopped inside a batch's step: a resumed fit runs that batch again (Lightning's counters go
-            # back to the last completed batch), so the loader must serve it again too; and Lightning's
-            # restart adds one to the logging step, as if the batch had finished: one less is stored.
-            loops = checkpoint["loops"]["fit_loop"]
-            for state in loops["state_dict"].get("combined_loader", []):
-                if state.keys() == {"seed", "epoch", "batches"}:
-                    state["batches"] = min(state["batches"], progress.completed)
-            loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+        if progress.processed < progress.ready:  # stopped inside a batch's step: resume runs it again
+            rewind_to_last_completed_batch(checkpoint, progress.completed)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._rng_to_restore = state_dict.get("rng")
@@ -267,7 +151,7 @@ class StopAndResume(Callback):
 
     def _forward_stop(self, trainer: Trainer) -> None:
         if self.requested is not None:
-            trainer._signal_connector.received_sigterm = True
+            set_stop_requested(trainer, True)
 
     # -- hooks --------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -291,7 +175,7 @@ class StopAndResume(Callback):
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._training and trainer.received_sigterm and self.requested is not None:
-            trainer._signal_connector.received_sigterm = False  # held back until validation ends
+            set_stop_requested(trainer, False)  # held back until validation ends
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._training:
@@ -350,35 +234,9 @@ def find_last_checkpoint(folders: list[Path], interrupted: str = INTERRUPTED) ->
     return max(candidates, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 
-def run_folders(logger: TensorBoardLogger) -> list[Path]:
-    """The checkpoint folders of the logger's runs: its own version's, or every ``version_*``'s when unset."""
-    root = Path(logger.root_dir)
-    if logger._version is not None:
-        version = logger._version if isinstance(logger._version, str) else f"version_{logger._version}"
-        return [root / version / "checkpoints"]
+def run_folders(root: Path, version: int | str | None) -> list[Path]:
+    """The checkpoint folders of a TensorBoardLogger's runs under ``root`` (``save_dir/name``): its
+    version's, or every ``version_*``'s when the version is not set."""
+    if version is not None:
+        return [root / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"]
     return sorted(root.glob("version_*/checkpoints"))
-
-
-def continue_run(logger: TensorBoardLogger, checkpoint: Path, step: int) -> bool:
-    """Point ``logger`` at the run folder that holds ``checkpoint`` and purge that run's events from ``step`` on.
-
-    The resumed process logs every step from ``step`` again, so what the stopped one logged at those
-    steps goes: ``SummaryWriter(purge_step=step)`` writes a SessionLog START at ``step``, and
-    TensorBoard's readers drop every older event at ``step`` or later. Returns False, changing
-    nothing, when the checkpoint is not in one of this logger's run folders (or the logger's version
-    is set to another one), or when its writer already exists. Uses ``TensorBoardLogger``'s
-    ``_version``, ``_kwargs`` (what its ``SummaryWriter`` gets) and ``_default_hp_metric`` (a resumed
-    run must not log the placeholder ``hp_metric`` at step 0 again), Lightning 2.x attributes.
-    """
-    checkpoint = checkpoint.resolve()
-    run = checkpoint.parent.parent
-    if checkpoint.parent.name != "checkpoints" or run.parent != Path(logger.root_dir).resolve():
-        return False
-    if logger._experiment is not None or step <= 0:
-        return False
-    if logger._version is not None and Path(logger.log_dir).resolve() != run:
-        return False
-    logger._version = run.name
-    logger._kwargs["purge_step"] = step
-    logger._default_hp_metric = False
-    return True

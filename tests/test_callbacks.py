@@ -20,7 +20,7 @@ from bn_lightning import norm as scratch
 from bn_lightning.data import FashionMNISTDataModule
 from bn_lightning.model import LeNet
 from bn_lightning.module import Classifier
-from conftest import REPO
+from helpers import REPO
 
 BLOCKS = ("conv1", "conv2", "fc1", "fc2")
 PERCENTILE_TAGS = [f"{scope}/p{p}" for scope in ("unit", "layer") for p in (15, 50, 85)]
@@ -137,17 +137,6 @@ def test_histograms_bin_as_numpy_does_and_leave_out_non_finite_values():
 def test_settings_are_checked_with_a_clear_message(make, message):
     with pytest.raises(ValueError, match=message):
         make()
-
-
-def test_every_config_turns_observability_on_and_leaves_hparams_to_the_comparison():
-    for config in sorted((REPO / "configs").glob("*.yaml")):
-        trainer = yaml.safe_load(config.read_text())["trainer"]
-        assert trainer["logger"]["init_args"]["default_hp_metric"] is False, config.name
-        assert [c["class_path"] for c in trainer["callbacks"]] == [
-            "lightning.pytorch.callbacks.LearningRateMonitor", "bn_lightning.callbacks.ExamplesPerSecond",
-            "bn_lightning.callbacks.BatchNormMonitor", "bn_lightning.callbacks.ActivationMonitor",
-            "bn_lightning.callbacks.TensorBoardComparison",
-        ], config.name
 
 
 @pytest.mark.parametrize("norm", ["none", "scratch", "torch"])

@@ -8,49 +8,68 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bn_lightning.cli import main
-from conftest import REPO, SHARED_DATA, needs_real_data
+from helpers import CONFIGS, DEFAULTS, REPO, SHARED_DATA, needs_real_data, run_cli, scalars
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-
-
-def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "bn_lightning", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
 
 
-def scalars(version_dir: Path) -> dict[str, list[float]]:
-    events = EventAccumulator(str(version_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_parses_and_names_its_run(config, capsys):
+def resolved(capsys, *args) -> dict:
+    """The whole config ``--print_config`` prints for ``args``."""
     with pytest.raises(SystemExit) as done:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *args, "--print_config"])
     assert done.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_every_config_is_a_short_delta_that_resolves_over_the_defaults(config, capsys):
     written = yaml.safe_load(config.read_text())
-    assert printed["trainer"]["logger"]["init_args"]["name"] == written["trainer"]["logger"]["init_args"]["name"]
-    assert printed["model"]["net"]["init_args"]["norm"] == written["model"]["net"]["init_args"]["norm"]
+    lines = [line for line in config.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(lines) <= 16, f"{config.name} has {len(lines)} lines: a run config says only what differs"
+    printed = flatten(resolved(capsys, "--config", str(config)))
+    defaults = flatten(resolved(capsys))
+    # Everything the run sets is in force, and everything else is the shared default (but for the
+    # arguments of a class the run swaps, as Adam for SGD).
+    assert {key: printed[key] for key in flatten(written)} == flatten(written)
+    swapped = tuple(key.removesuffix("class_path") for key in flatten(written) if key.endswith(".class_path"))
+    untouched = [key for key in printed if key not in flatten(written) and not key.startswith(swapped)]
+    assert {key: printed[key] for key in untouched} == {key: defaults[key] for key in untouched}
+    assert printed["trainer.logger.class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+    assert len(resolved(capsys, "--config", str(config))["trainer"]["callbacks"]) == 5
 
 
 def test_every_config_names_its_own_run():
-    names = [yaml.safe_load(c.read_text())["trainer"]["logger"]["init_args"]["name"] for c in CONFIGS]
-    assert len(set(names)) == len(CONFIGS) >= 5, names
+    names = [yaml.safe_load(c.read_text())["trainer"]["logger"]["init_args"]["name"] for c in RUN_CONFIGS]
+    assert len(set(names)) == len(RUN_CONFIGS) >= 5, names
 
 
-def test_d2l_configs_follow_the_book():
+def test_d2l_configs_follow_the_book(capsys):
     for stem, norm, lr in (("lenet_no_bn", "none", 0.9), ("lenet_bn_scratch", "scratch", 1.0), ("lenet_bn_torch", "torch", 1.0)):
-        config = yaml.safe_load((REPO / "configs" / f"{stem}.yaml").read_text())
+        config = resolved(capsys, "--config", str(CONFIGS / f"{stem}.yaml"))
         assert config["trainer"]["logger"]["init_args"]["name"] == stem
         assert config["model"]["net"]["init_args"] == {"norm": norm, "activation": "sigmoid", "pool": "avg"}
-        assert config["model"]["optimizer"] == {"class_path": "torch.optim.SGD", "init_args": {"lr": lr}}
+        assert config["model"]["optimizer"]["class_path"] == "torch.optim.SGD"
+        assert config["model"]["optimizer"]["init_args"]["lr"] == lr
+        assert config["model"]["optimizer"]["init_args"]["momentum"] == 0
         assert (config["data"]["batch_size"], config["trainer"]["max_epochs"]) == (256, 10)
+
+
+def test_the_defaults_turn_observability_on_and_leave_hparams_to_the_comparison():
+    trainer = yaml.safe_load(DEFAULTS.read_text())["trainer"]
+    assert trainer["logger"]["init_args"]["default_hp_metric"] is False
+    assert [c["class_path"] for c in trainer["callbacks"]] == [
+        "lightning.pytorch.callbacks.LearningRateMonitor", "bn_lightning.callbacks.ExamplesPerSecond",
+        "bn_lightning.callbacks.BatchNormMonitor", "bn_lightning.callbacks.ActivationMonitor",
+        "bn_lightning.callbacks.TensorBoardComparison",
+    ]
 
 
 @pytest.mark.parametrize("option, value, choices", [
@@ -69,6 +88,7 @@ def test_unknown_choice_lists_the_choices(option, value, choices, capsys):
     assert value in error and all(choice in error for choice in choices)
 
 
+@pytest.mark.slow
 def test_fit_writes_checkpoints_and_tensorboard_events_then_tests_and_predicts(tiny_data, tmp_path):
     common = ["--config", str(REPO / "configs" / "lenet_bn_scratch.yaml"), f"--data.data_dir={tiny_data}",
               "--data.batch_size=32", "--data.val_size=40", "--trainer.enable_progress_bar=false"]
@@ -96,6 +116,47 @@ def test_fit_writes_checkpoints_and_tensorboard_events_then_tests_and_predicts(t
         assert result.returncode == 0, (subcommand, result.stderr[-3000:])
 
 
+@pytest.mark.slow
+def test_the_saved_config_reruns_the_run_from_its_folder_alone(tiny_data, tmp_path):
+    """config.yaml holds everything, the training order's seed included: a fit from it alone, elsewhere,
+    logs the same losses step by step."""
+    args = ["--data.batch_size=32", "--data.val_size=40", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
+            "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--seed_everything=7"]
+    first = run_cli("fit", "--config", str(CONFIGS / "seed_adam_scratch.yaml"), f"--data.data_dir={tiny_data}", *args,
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "lightning_logs" / "seed_adam_bn_scratch" / "version_0"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert (saved["seed_everything"], saved["data"]["shuffle_seed"], saved["weights_only"]) == (7, 7, True)
+    (tmp_path / "again").mkdir()
+    again = run_cli("fit", "--config", str(run_dir / "config.yaml"), cwd=tmp_path / "again")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = scalars(tmp_path / "again" / "lightning_logs" / "seed_adam_bn_scratch" / "version_0")
+    assert len(rerun["train/loss_step"]) == 10
+    assert rerun["train/loss_step"] == scalars(run_dir)["train/loss_step"]
+
+
+@pytest.mark.slow
+def test_an_installed_package_brings_its_defaults(tmp_path):
+    """From a wheel installed outside the checkout (not editable), a run config still resolves over defaults.yaml."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "wheel"), str(REPO)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    wheel = next((tmp_path / "wheel").glob("bn_lightning-*.whl"))
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target",
+                                str(tmp_path / "site"), str(wheel)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    printed = subprocess.run([sys.executable, "-m", "bn_lightning", "fit", "--config", str(CONFIGS / "lenet_bn_torch.yaml"),
+                              "--print_config"], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    assert "bn_lightning.callbacks.BatchNormMonitor" in printed.stdout and "name: lenet_bn_torch" in printed.stdout
+    assert str(tmp_path / "site") in subprocess.run(
+        [sys.executable, "-c", "import bn_lightning; print(bn_lightning.__file__)"], cwd=tmp_path, capture_output=True,
+        text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}).stdout
+
+
+@pytest.mark.slow
 def test_last_checkpoint_is_the_last_epoch_even_when_the_best_is_older(tiny_data, tmp_path):
     """Lightning 2.6's save_last rewrites last.ckpt only with a new best; ours is rewritten every epoch.
     Monitoring the epoch number with mode min makes epoch 0 the best for good."""
@@ -110,6 +171,7 @@ def test_last_checkpoint_is_the_last_epoch_even_when_the_best_is_older(tiny_data
     assert (last["epoch"], last["global_step"]) == (2, 15)
 
 
+@pytest.mark.slow
 @needs_real_data
 def test_fit_on_a_slice_of_the_real_data_learns(tmp_path):
     fit = run_cli("fit", "--config", str(REPO / "configs" / "lenet_bn_torch.yaml"), f"--data.data_dir={SHARED_DATA}",

@@ -10,8 +10,9 @@ import torchvision.datasets.mnist
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from bn_lightning.data import RAW_FILES, CorruptDataError, DataNotFoundError, DataSizeError, FashionMNISTDataModule
-from conftest import SHARED_DATA, needs_real_data, write_fashion_mnist, write_idx
+from bn_lightning.data import RAW_FILES, FashionMNISTDataModule
+from bn_lightning.errors import CorruptDataError, DataNotFoundError, DataSizeError
+from helpers import SHARED_DATA, needs_real_data, write_fashion_mnist, write_idx
 
 
 def ready(dm: FashionMNISTDataModule, stage: str = "fit") -> FashionMNISTDataModule:

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from bn_lightning.cli import main
-from conftest import REPO, write_fashion_mnist
-from test_cli import run_cli
+from helpers import REPO, run_cli, write_fashion_mnist
 
 TINY_RUN = ["--config", str(REPO / "configs" / "lenet_no_bn.yaml"), "--data.val_size=40", "--data.batch_size=32",
             "--trainer.enable_progress_bar=false"]
@@ -30,6 +29,7 @@ def test_a_bad_setting_stops_fit_before_any_data_is_read(setting, message, tmp_p
     assert not (tmp_path / "no_data_needed").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_offline_names_the_folder_and_the_fix(tmp_path):
     result = run_cli("fit", *TINY_RUN, f"--data.data_dir={tmp_path / 'nowhere'}", "--data.download=false", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -38,6 +38,7 @@ def test_missing_data_offline_names_the_folder_and_the_fix(tmp_path):
     assert "downloading is switched off (download: false)" in last and "--data.data_dir" in last
 
 
+@pytest.mark.slow
 def test_a_truncated_file_names_the_file_and_the_fix(tmp_path):
     root = write_fashion_mnist(tmp_path / "data")
     images = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
@@ -50,6 +51,7 @@ def test_a_truncated_file_names_the_file_and_the_fix(tmp_path):
     assert images.stat().st_size == 5000  # left for the user to look at
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_at_the_step_and_keeps_its_last_good_checkpoint(tiny_data, tmp_path):
     """SGD with momentum 30 blows up in the second epoch; a checkpoint is written after every step."""
     result = run_cli("fit", *TINY_RUN, f"--data.data_dir={tiny_data}", "--trainer.max_epochs=3",
@@ -72,6 +74,7 @@ def test_a_diverging_run_stops_at_the_step_and_keeps_its_last_good_checkpoint(ti
 
 
 
+@pytest.mark.slow
 def test_an_infinite_loss_with_finite_weights_is_not_saved_for_resuming(tiny_data, tmp_path):
     """ReLU LeNet at lr 7000 overflows the loss at step 2 while its weights are still finite."""
     result = run_cli("fit", *TINY_RUN, f"--data.data_dir={tiny_data}", "--model.net.init_args.activation=relu",
@@ -81,6 +84,7 @@ def test_an_infinite_loss_with_finite_weights_is_not_saved_for_resuming(tiny_dat
     checkpoints = tmp_path / "lightning_logs" / "lenet_no_bn" / "version_0" / "checkpoints"
     assert not (checkpoints / "interrupted.ckpt").exists()  # resuming it would only diverge again
 
+@pytest.mark.slow
 def test_val_size_larger_than_the_data_is_one_clear_line(tiny_data, tmp_path):
     result = run_cli("fit", *TINY_RUN, f"--data.data_dir={tiny_data}", "--data.val_size=500", cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -88,6 +92,7 @@ def test_val_size_larger_than_the_data_is_one_clear_line(tiny_data, tmp_path):
     assert "set --data.val_size below 200" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_batch_size_that_would_leave_one_image_last_trains_without_it(tiny_data, tmp_path):
     """160 training images in batches of 53: the fourth batch would hold a single image, which has
     no batch statistics; it is left out rather than ending the epoch in an error."""

@@ -11,7 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bn_lightning.data import FashionMNISTDataModule
 from bn_lightning.model import LeNet
-from bn_lightning.module import Classifier, NonFiniteLossError
+from bn_lightning.errors import NonFiniteLossError
+from bn_lightning.module import Classifier
+from helpers import CONFIGS
 
 
 def trainer(tmp_path, **kwargs):
@@ -41,9 +43,25 @@ def test_optimizer_and_learning_rate_come_from_the_arguments(optimizer, lr):
     assert {id(p) for p in opt.param_groups[0]["params"]} == {id(p) for p in model.parameters()}
 
 
-def test_hyperparameters_are_saved_without_the_network():
-    model = Classifier(LeNet(), num_classes=10)
-    assert "net" not in model.hparams and model.hparams.num_classes == 10
+def test_hyperparameters_describe_the_network_without_holding_it():
+    model = Classifier(LeNet("scratch", pool="max"), num_classes=10)
+    assert model.hparams.num_classes == 10
+    assert model.hparams.net == {"class_path": "bn_lightning.model.LeNet",
+                                 "init_args": {"norm": "scratch", "activation": "sigmoid", "pool": "max"}}
+
+
+def test_a_checkpoint_of_a_cli_run_loads_on_its_own(tiny_data, tmp_path):
+    """The network's description in the hyperparameters is what LightningCLI's config says, so
+    ``Classifier.load_from_checkpoint`` rebuilds the network from the checkpoint alone."""
+    from bn_lightning.cli import main
+
+    cli = main(["fit", "--config", str(CONFIGS / "seed_adam_scratch.yaml"), f"--data.data_dir={tiny_data}",
+                "--data.batch_size=32", "--data.val_size=40", "--trainer.max_epochs=1", "--test_after_fit=false",
+                f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+                "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]"])
+    loaded = Classifier.load_from_checkpoint(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    assert isinstance(loaded.net, LeNet) and (loaded.net.norm, loaded.net.pool) == ("scratch", "max")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), cli.model.state_dict().values()))
 
 
 @pytest.mark.parametrize("norm", ["none", "scratch", "torch"])

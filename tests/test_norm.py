@@ -388,6 +388,7 @@ def test_half_precision_autocast_matches_torch(pair, autocast_dtype):
             torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_compile_of_our_layer_matches_torch():
     """The compiled path of benchmarks/bn.py: Dynamo traces our autograd.Function, forward and backward."""
     ours, theirs = twins(norm.BatchNorm2d, nn.BatchNorm2d, torch.float32)

@@ -5,7 +5,7 @@
 import nbformat
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 

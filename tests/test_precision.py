@@ -1,9 +1,11 @@
 """``--trainer.precision bf16-mixed`` on the CPU: our BN trains like torch's, statistics in float32."""
 
+import pytest
 import torch
 
-from conftest import REPO
-from test_cli import run_cli, scalars
+from helpers import REPO, run_cli, scalars
+
+pytestmark = pytest.mark.slow  # CLI fits
 
 
 def test_bf16_mixed_fit_with_our_bn_follows_torchs_bn(tiny_data, tmp_path):

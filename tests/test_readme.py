@@ -2,7 +2,7 @@
 
 import re
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_readme_has_two_quick_start_commands_and_ci_runs_the_test_one():

@@ -25,10 +25,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from bn_lightning.data import FashionMNISTDataModule
 from bn_lightning.model import LeNet
 from bn_lightning.module import Classifier
-from bn_lightning.resume import EpochShuffle, ResumableLoader, StopAndResume
-from conftest import REPO
+from bn_lightning.resume import StopAndResume
+from bn_lightning.sampling import EpochShuffle, ResumableLoader
+from helpers import REPO, frequent_logging_callbacks, run_cli
 from stop_points import RaiseAtStep, SignalAtStep
-from test_cli import run_cli
 
 TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 5  # 160 training images of the tiny data in batches of 32
@@ -55,17 +55,13 @@ def assert_same_state(ours: dict, theirs: dict) -> None:
 def small_config(tmp_path: Path, extra_callbacks: list[dict] = ()) -> Path:
     """configs/lenet_bn_scratch.yaml with every monitor logging every 2 steps (histograms every 4)."""
     config = yaml.safe_load((REPO / "configs" / "lenet_bn_scratch.yaml").read_text())
-    for callback in config["trainer"]["callbacks"]:
-        args = callback.get("init_args", {})
-        for key in ("every_n_steps", "histogram_every_n_steps"):
-            if key in args:
-                args[key] = 2 if key == "every_n_steps" else 4
-    config["trainer"]["callbacks"] = [*extra_callbacks, *config["trainer"]["callbacks"]]
+    config["trainer"]["callbacks"] = [*extra_callbacks, *frequent_logging_callbacks()]
     path = tmp_path / f"config{len(extra_callbacks)}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_leaves_a_checkpoint_and_resuming_it_equals_an_uninterrupted_run(tiny_data, tmp_path):
     args = [f"--data.data_dir={tiny_data}", "--data.batch_size=32", "--data.val_size=40",
             f"--trainer.max_epochs={EPOCHS}", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false"]

@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from bn_lightning import norm
-from conftest import REPO
+from helpers import REPO
 
 STEPS = 3
 
@@ -125,11 +125,13 @@ def two_process_results(tmp_path_factory):
     return _two_processes(tmp_path_factory.mktemp("sync") / "init", "cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_two_processes_equal_one_process_on_the_joint_batch(two_process_results, case):
     assert (two_process_results[(case, 0)], two_process_results[(case, 1)]) == ("ok", "ok")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.nn.SyncBatchNorm runs on GPUs only")
 def test_two_processes_on_a_gpu_match_the_joint_batch_and_torchs_sync_batchnorm(tmp_path):
     """The same cases with CUDA tensors, both processes sharing one GPU over gloo."""
@@ -154,6 +156,7 @@ class SaveRunningStats(Callback):
         torch.save(stats, Path(os.environ["RUNNING_STATS_DIR"]) / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow
 def test_ddp_fit_through_the_cli_syncs_our_bn_and_logs_and_checkpoints_once(tiny_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
            "RUNNING_STATS_DIR": str(tmp_path)}

@@ -16,23 +16,20 @@ import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPO
+from helpers import REPO, frequent_logging_callbacks
+
+pytestmark = pytest.mark.slow  # a TensorBoard server and two CLI fits
 
 RUNS = {"lenet_bn_scratch/version_0": "lenet_bn_scratch", "lenet_no_bn/version_0": "lenet_no_bn"}
 BN_RUN, NO_BN_RUN = RUNS
 BLOCKS = ("conv1", "conv2", "fc1", "fc2")
-HPARAMS = {"norm", "activation", "pool", "optimizer", "lr", "batch_size", "seed"}
+HPARAMS = {"norm", "activation", "pool", "optimizer", "lr", "batch_size", "shuffle_seed"}
 
 
 def quick_logging(tmp: Path) -> Path:
     """The configs' own callbacks, logging every 2 steps (histograms every 4) instead of every 50."""
-    callbacks = yaml.safe_load((REPO / "configs" / "lenet_bn_scratch.yaml").read_text())["trainer"]["callbacks"]
-    for callback in callbacks:
-        for key, every in (("every_n_steps", 2), ("histogram_every_n_steps", 4)):
-            if key in callback.get("init_args", {}):
-                callback["init_args"][key] = every
     path = tmp / "quick_logging.yaml"
-    path.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks, "log_every_n_steps": 2}}))
+    path.write_text(yaml.safe_dump({"trainer": {"callbacks": frequent_logging_callbacks(), "log_every_n_steps": 2}}))
     return path
 
 
@@ -171,7 +168,7 @@ def test_hparams_dashboard_compares_runs_by_final_val_and_test_accuracy(tensorbo
     expected = {BN_RUN: {"norm": "scratch", "lr": 1.0}, NO_BN_RUN: {"norm": "none", "lr": 0.9}}
     for run, group in by_run.items():
         assert group["hparams"] == {**expected[run], "activation": "sigmoid", "pool": "avg", "optimizer": "SGD",
-                                    "batch_size": 32.0, "seed": 42.0}
+                                    "batch_size": 32.0, "shuffle_seed": 42.0}
         events = EventAccumulator(str(logdir / run), size_guidance={"scalars": 0})
         events.Reload()
         served = {m["name"]["tag"]: m["value"] for m in group["metricValues"]}

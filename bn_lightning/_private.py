@@ -1,0 +1,49 @@
+"""Every private detail of a dependency that bn_lightning relies on, each where no public API does the job.
+
+An upgrade of Lightning, jsonargparse or torch may change any of them: ``tests/test_private.py`` checks
+each one against the installed versions and names the function here that needs mending.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import Trainer
+from torch.utils.tensorboard import SummaryWriter
+
+
+def is_logging_step(trainer: Trainer) -> bool:
+    """Whether the logger writes what the training step about to run logs: Lightning's own rule
+    (``log_every_n_steps``, counted in optimizer steps, and the last step before a stop), which no
+    public API exposes. The training step logs its step values on these steps only, since each
+    ``self.log`` costs a fixed fraction of a LeNet step."""
+    return trainer._logger_connector.should_update_logs
+
+
+def set_stop_requested(trainer: Trainer, requested: bool) -> None:
+    """Set the flag Lightning sets on SIGTERM (``trainer.received_sigterm`` reads it), which makes its
+    loops raise ``SIGTERMException`` at the next batch boundary: no public call stops fit that way."""
+    trainer._signal_connector.received_sigterm = requested
+
+
+def rewind_to_last_completed_batch(checkpoint: dict, completed: int) -> None:
+    """Make ``checkpoint``, taken inside a training batch, resume at that batch's start, as Lightning's
+    counters do: the train loader's saved position (``bn_lightning.sampling.ResumableLoader``) goes back
+    to the ``completed`` batches, and the logging step, which Lightning's restart advances by one as if
+    the batch had finished, is stored one less. Lightning's checkpoint layout of the fit loop."""
+    loops = checkpoint["loops"]["fit_loop"]
+    for state in loops["state_dict"].get("combined_loader", []):
+        if state.keys() == {"seed", "epoch", "batches"}:
+            state["batches"] = min(state["batches"], completed)
+    loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+
+
+def write_summary(writer: SummaryWriter, summary, step: int = 0) -> None:
+    """Write a ready-made summary protobuf into the writer's own event file. ``SummaryWriter``'s public
+    ``add_hparams`` would write it into a new subfolder, a separate run in TensorBoard."""
+    writer._get_file_writer().add_summary(summary, global_step=step)
+
+
+def known_subclasses(parser, key: str) -> str:
+    """The classes jsonargparse lists in ``--help`` for a class-valued ``key`` (comma-separated, "" if
+    none): argparse's table of options and the help text jsonargparse adds to a subclass action."""
+    action = parser._option_string_actions.get(f"--{key}")
+    return getattr(action, "extra_help", lambda: "")().partition("known subclasses: ")[2]

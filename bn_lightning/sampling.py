@@ -1,0 +1,109 @@
+"""The training order of a run: drawn from ``(seed, epoch)`` alone, and resumable mid-epoch.
+
+``EpochShuffle`` is the permutation; ``ResumableLoader`` is the DataLoader over it whose position in
+the epoch goes into every checkpoint, so a run resumed mid-epoch serves the batches the stopped one
+had not served yet, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class EpochShuffle(Sampler[int]):
+    """Indices ``0 .. size - 1``, shuffled by a permutation that depends on ``(seed, epoch)`` only.
+
+    Lightning calls ``set_epoch`` before every training epoch. ``skip(n)`` makes the next iteration
+    start at the ``n``-th index of the epoch's order (the loader uses it to resume mid-epoch);
+    ``len`` stays the whole epoch's, so Lightning's count of batches per epoch does not change.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip(self, count: int) -> None:
+        self._skip = count
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        # Seed and epoch mixed by numpy's SeedSequence: seed 1 epoch 0 and seed 0 epoch 1 differ.
+        words = np.random.SeedSequence(self.seed % 2**63, spawn_key=(epoch,)).generate_state(2, np.uint32)
+        generator = torch.Generator().manual_seed((int(words[0]) << 31) ^ int(words[1]))
+        return torch.randperm(self.size, generator=generator)
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self._skip = self._skip, 0
+        return iter(self.order(self.epoch)[skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over ``EpochShuffle`` whose position in the epoch is saved in checkpoints.
+
+    ``state_dict()`` is ``{"seed", "epoch", "batches"}``: the batches of this epoch the loader has
+    handed out. Lightning 2.x saves it in every checkpoint (``FitLoop.on_save_checkpoint`` stores the
+    ``state_dict`` of each train loader that has ``state_dict``/``load_state_dict``) and, when a fit
+    resumes mid-epoch, calls ``load_state_dict`` before creating the epoch's iterator; the next
+    iteration then skips those batches, by starting the sampler past their indices (nothing is
+    loaded twice). Lightning fetches no batch ahead from a loader whose length it knows, so the count
+    equals the batches training has taken. Its own ``torch.Generator`` seeds worker processes, so
+    iterating draws nothing from the global RNG either.
+
+    Given a ``sampler`` (Lightning rebuilds the loader with a ``DistributedSampler`` around ours for
+    multi-process training), it is a plain DataLoader: a resumed epoch starts over.
+    """
+
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, sampler: Sampler | None = None, **kwargs
+    ) -> None:
+        kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
+        self.resumable = sampler is None
+        if sampler is None:
+            sampler = EpochShuffle(len(dataset), seed, shuffle)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
+        self._skip = 0
+        self._epoch, self._served = 0, 0  # the epoch being served and how many batches of it went out
+
+    def __iter__(self) -> Iterator:
+        # The skip is taken now, not when the first batch is asked for: Lightning may create an
+        # iterator it never draws from (resuming at an epoch's end), and the next epoch's must not skip.
+        skip, self._skip = self._skip, 0
+        return self._batches(skip)
+
+    def _batches(self, skip: int) -> Iterator:
+        if not self.resumable:
+            yield from super().__iter__()
+            return
+        # Runs from the first next(), after Lightning's set_epoch for this epoch.
+        self._epoch, self._served = self.sampler.epoch, skip
+        self.sampler.skip(skip * self.batch_size)
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if not self.resumable:
+            return {}
+        if self.sampler.epoch != self._epoch:  # a new epoch is set but none of its batches went out yet
+            return {"seed": self.sampler.seed, "epoch": self.sampler.epoch, "batches": 0}
+        return {"seed": self.sampler.seed, "epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if not self.resumable or not state:
+            return
+        self.sampler.seed = state["seed"]
+        self.sampler.set_epoch(state["epoch"])
+        self._epoch, self._served = state["epoch"], state["batches"]
+        self._skip = state["batches"]

@@ -1,0 +1,126 @@
+"""The private details of dependencies that ``bn_lightning/_private.py`` relies on, checked against the
+installed versions: each test fails with the name of the function there that an upgrade broke."""
+
+import importlib.metadata
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+from bn_lightning import _private
+from bn_lightning.cli import _ArgumentParser
+from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.model import LeNet
+from bn_lightning.module import Classifier
+from bn_lightning.resume import StopAndResume
+
+VERSIONS = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("lightning", "jsonargparse", "torch"))
+
+
+def broken(function: str, what: str) -> str:
+    return f"bn_lightning/_private.py:{function} no longer works with {VERSIONS}: {what}"
+
+
+def tiny_fit(data, root, callbacks, **trainer_args) -> Trainer:
+    trainer = Trainer(default_root_dir=root, max_epochs=1, callbacks=callbacks, enable_progress_bar=False,
+                      enable_model_summary=False, **trainer_args)
+    trainer.fit(Classifier(LeNet("scratch")), datamodule=FashionMNISTDataModule(data, batch_size=16, val_size=40, shuffle_seed=5))
+    return trainer
+
+
+class StepsWritten(Logger):
+    """A logger that keeps the steps Lightning writes metrics at: the reference for the logging-step rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[int] = []
+
+    name, version = "steps", 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        if "train/loss_step" in metrics:
+            self.steps.append(step)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+class AskBeforeEachStep(Callback):
+    def __init__(self) -> None:
+        self.answers: dict[int, bool] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.answers[trainer.global_step] = _private.is_logging_step(trainer)
+
+
+def test_is_logging_step_is_true_on_exactly_the_steps_the_logger_writes(tiny_data, tmp_path):
+    asked, logger = AskBeforeEachStep(), StepsWritten()
+    tiny_fit(tiny_data, tmp_path, [asked], logger=logger, log_every_n_steps=3)
+    assert len(asked.answers) == 10, broken("is_logging_step", "the test's fit ran another number of steps")
+    assert [step for step, yes in asked.answers.items() if yes] == logger.steps == [2, 5, 8], broken(
+        "is_logging_step", f"Lightning's rule {asked.answers} and the steps written {logger.steps} disagree")
+
+
+class RequestStopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step, self.flag_read_back = step, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            _private.set_stop_requested(trainer, True)
+            self.flag_read_back = trainer.received_sigterm
+
+
+def test_set_stop_requested_stops_fit_at_the_next_batch_as_sigterm_does(tiny_data, tmp_path):
+    request = RequestStopAt(3)
+    with pytest.raises(SIGTERMException):
+        tiny_fit(tiny_data, tmp_path, [request])
+    assert request.flag_read_back is True, broken("set_stop_requested", "trainer.received_sigterm does not read it back")
+
+
+class SaveMidEpoch(Callback):
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 4:
+            trainer.save_checkpoint(self.path)
+
+
+def test_the_fit_loops_checkpoint_layout_is_the_one_rewind_edits(tiny_data, tmp_path):
+    path = tmp_path / "mid.ckpt"
+    tiny_fit(tiny_data, tmp_path, [SaveMidEpoch(path), StopAndResume()])
+    checkpoint = torch.load(path, weights_only=True)
+    loops = checkpoint["loops"]["fit_loop"]
+    assert loops["state_dict"]["combined_loader"] == [{"seed": 5, "epoch": 0, "batches": 4}], broken(
+        "rewind_to_last_completed_batch", f"the train loader's state is not where it was: {loops['state_dict']}")
+    # Lightning counts this batch after its batch-end hooks, where the checkpoint was taken.
+    assert loops["epoch_loop.state_dict"]["_batches_that_stepped"] == 3, broken(
+        "rewind_to_last_completed_batch", "the logging step is not stored as _batches_that_stepped")
+    _private.rewind_to_last_completed_batch(checkpoint, completed=3)
+    assert loops["state_dict"]["combined_loader"][0]["batches"] == 3
+    assert loops["epoch_loop.state_dict"]["_batches_that_stepped"] == 2
+
+
+def test_write_summary_puts_the_hparams_session_into_the_runs_own_event_file(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    for summary in hparams_summaries({"norm": "scratch"}, {"val/acc": 0.0}):
+        _private.write_summary(logger.experiment, summary)
+    logger.experiment.flush()
+    (event_file,) = (tmp_path / "run" / "version_0").glob("events.out.tfevents.*")
+    tags = {value.tag for event in EventFileLoader(str(event_file)).Load() for value in event.summary.value}
+    assert "_hparams_/session_start_info" in tags, broken(
+        "write_summary", "SummaryWriter._get_file_writer().add_summary did not write the session")
+
+
+def test_known_subclasses_are_the_classes_jsonargparse_lists_in_help():
+    parser = _ArgumentParser()
+    parser.add_argument("--optimizer", type=type[torch.optim.Optimizer])
+    known = _private.known_subclasses(parser, "optimizer")
+    assert "torch.optim.SGD" in known and "torch.optim.Adam" in known, broken(
+        "known_subclasses", f"argparse's _option_string_actions or jsonargparse's extra_help changed: {known!r}")
+    assert _private.known_subclasses(parser, "no_such_key") == ""
