@@ -1,17 +1,21 @@
 """Run a matrix of CLI configs over seeds (and optional extra axes), then tabulate and plot the runs.
 
     python -m bn_lightning.compare configs/compare/d2l.yaml [--workers 2] [--set data.data_dir=../shared/data]
+    python -m bn_lightning.compare configs/compare/d2l.yaml --launcher slurm [--partition gpu --gpus-per-node 1]
 
 A comparison file names the configs, the seeds, optional ``grid`` axes (a CLI option and its
-values), ``args`` for every run and the val-accuracy ``threshold`` to report. Each run is one
-``python -m bn_lightning fit`` process logging to ``<out>/<group>/seed_<s>/``, where ``out`` is
-``lightning_logs/compare/<name>`` and a group is a config with its grid values. A run that finished
-leaves ``result.json``; running the same comparison again skips those runs and starts the others
-afresh, so a half-finished matrix resumes. The figures of every run are read from its TensorBoard
-events (with TensorBoard's own reader) into ``<out>/runs.csv`` (one row per run), ``results.csv`` and
-``results.md`` (mean and std over seeds per group), ``val_acc.png`` (validation accuracy, mean and
-band over seeds, per group) and ``percentiles.png`` (15th/50th/85th percentiles of one sigmoid
-input over training, per group: Ioffe & Szegedy's Figure 1).
+values), ``args`` for every run, the val-accuracy ``threshold`` to report and optional ``slurm``
+settings. Each run is one ``python -m bn_lightning fit`` process logging to ``<out>/<group>/seed_<s>/``,
+where ``out`` is ``lightning_logs/compare/<name>`` and a group is a config with its grid values.
+``--launcher local`` (the default) runs them on this machine, ``--workers`` at a time; ``--launcher
+slurm`` submits them as one submitit job array (the file's ``slurm:`` settings, then the flags), its
+logs under ``<out>/submitit/``, and waits for it. A run that finished leaves ``result.json``; running
+the same comparison again skips those runs and starts the others afresh, so a half-finished matrix
+resumes. The figures of every run are read from its TensorBoard events (with TensorBoard's own reader)
+into ``<out>/runs.csv`` (one row per run), ``results.csv`` and ``results.md`` (mean and std over seeds
+per group), ``val_acc.png`` (validation accuracy, mean and band over seeds, per group) and
+``percentiles.png`` (15th/50th/85th percentiles of one sigmoid input over training, per group: Ioffe &
+Szegedy's Figure 1).
 """
 
 from __future__ import annotations
@@ -26,10 +30,13 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import submitit
 import yaml
 from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -39,6 +46,17 @@ PERCENTILES = (15, 50, 85)
 RESULT_FILE = "result.json"
 FIGURES = ("final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch", "bn_mean_gap")
 GAP_LOGS = 5  # bn_mean_gap averages a run's last this many logs
+# The settings of a Slurm job (a comparison file's ``slurm:`` keys, and flags): submitit's names, each with its
+# type, default and help. ``extra`` (file only) adds any other of submitit's slurm_* parameters, e.g. account.
+SLURM = {
+    "partition": (str, None, "Slurm partition (default: the cluster's)"),
+    "timeout_min": (int, 60, "time limit of each run, in minutes"),
+    "cpus_per_task": (int, 2, "CPU cores of each run (its torch threads)"),
+    "gpus_per_node": (int, 0, "GPUs of each run"),
+    "mem_gb": (float, None, "memory of each run, in GB (default: the cluster's)"),
+    "array_parallelism": (int, None, "most runs at once (default: submitit's 256)"),
+}
+GENERIC = {"timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb"}  # submitit's names on every cluster
 
 
 @dataclass(frozen=True)
@@ -69,11 +87,12 @@ class Comparison:
     args: dict[str, object] = field(default_factory=dict)
     threshold: float = 0.8
     percentile_layer: str = "fc2"
+    slurm: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path, overrides: dict[str, object]) -> Comparison:
         spec = yaml.safe_load(path.read_text()) or {}
-        known = {"configs", "seeds", "grid", "args", "threshold", "percentile_layer"}
+        known = {"configs", "seeds", "grid", "args", "threshold", "percentile_layer", "slurm"}
         if unknown := set(spec) - known:
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; a comparison takes {sorted(known)}")
         for key in ("configs", "seeds"):
@@ -93,12 +112,31 @@ class Comparison:
             args={**(spec.get("args") or {}), **overrides},
             threshold=float(spec.get("threshold", cls.threshold)),
             percentile_layer=spec.get("percentile_layer", cls.percentile_layer),
+            slurm=slurm_block(path, spec.get("slurm") or {}),
         )
 
     def runs(self) -> list[Run]:
         """Every config x grid point x seed, seeds innermost so a group's seeds finish together."""
         points = [tuple(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
         return [Run(config, point, seed) for config in self.configs for point in points for seed in self.seeds]
+
+
+def slurm_block(path: Path, block: object) -> dict[str, object]:
+    """A comparison file's ``slurm:`` settings, checked and typed now rather than when the jobs are submitted."""
+    known = {*SLURM, "extra"}
+    if not isinstance(block, dict):
+        raise ValueError(f"{path}: slurm must map some of {sorted(known)} to values")
+    if unknown := set(block) - known:
+        raise ValueError(f"{path}: unknown slurm key(s) {sorted(unknown)}; slurm takes {sorted(known)}")
+    settings = {}
+    for key, value in block.items():
+        kind = dict if key == "extra" else SLURM[key][0]
+        try:
+            if value is not None:  # left unset: the flag or the default decides
+                settings[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: slurm.{key} must be {kind.__name__}, got {value!r}") from None
+    return settings
 
 
 def fit_command(run: Run, comparison: Comparison, out: Path) -> list[str]:
@@ -116,20 +154,30 @@ def fit_command(run: Run, comparison: Comparison, out: Path) -> list[str]:
 
 
 def execute(run: Run, comparison: Comparison, out: Path, threads: int) -> dict:
-    """Fit one run from scratch in its own process; on success read its result and leave it in result.json."""
+    """Fit one run from scratch in its own process; on success read its result and leave it in result.json.
+    A run that finished already (a Slurm job requeued after its end) is read, not redone."""
     folder = run.folder(out)
+    if (folder / RESULT_FILE).exists():
+        return read_run(folder, comparison)
     shutil.rmtree(folder, ignore_errors=True)  # what an interrupted attempt left: events would overlap
     folder.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(folder / "fit.log", "w") as log:
         process = subprocess.run(fit_command(run, comparison, out), stdout=log, stderr=subprocess.STDOUT, env=env)
     if process.returncode != 0:
-        tail = (folder / "fit.log").read_text().splitlines()[-15:]
-        raise RuntimeError(f"{run.group} seed {run.seed} failed (exit {process.returncode}); "
-                           f"{folder / 'fit.log'} ends with:\n" + "\n".join(tail))
+        raise RuntimeError(failure(run, out, f"exit {process.returncode}"))
     result = read_run(folder, comparison)
     (folder / RESULT_FILE).write_text(json.dumps(result) + "\n")
     return result
+
+
+def failure(run: Run, out: Path, why: str) -> str:
+    """How a failed run is reported, whichever launcher ran it: why, and the end of its fit.log."""
+    log = run.folder(out) / "fit.log"
+    if not log.exists():
+        return f"{run.group} seed {run.seed} failed ({why}) before writing {log}"
+    tail = log.read_text().splitlines()[-15:]
+    return f"{run.group} seed {run.seed} failed ({why}); {log} ends with:\n" + "\n".join(tail)
 
 
 def read_run(folder: Path, comparison: Comparison) -> dict:
@@ -282,8 +330,63 @@ def write_plots(comparison: Comparison, results: dict[Run, dict], out: Path) -> 
         bands.savefig(out / "percentiles.png", dpi=120)
 
 
-def compare(comparison: Comparison, out: Path, workers: int = 1) -> tuple[list[dict], list[str]]:
-    """Run what is not finished yet, then write the tables and plots; returns the summary rows and the failures."""
+# Runs the runs it is given and yields each with its result, or with why it failed, as they end.
+Launcher = Callable[[list[Run], Comparison, Path], Iterator[tuple[Run, dict | str]]]
+
+
+def run_locally(todo: list[Run], comparison: Comparison, out: Path, workers: int) -> Iterator[tuple[Run, dict | str]]:
+    """``--launcher local``: each run a process of its own, ``workers`` at a time, sharing this machine's cores."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(execute, run, comparison, out, threads): run for run in todo}
+        for future in as_completed(futures):
+            try:
+                outcome = future.result()
+            except RuntimeError as error:
+                outcome = str(error)
+            yield futures[future], outcome
+
+
+def slurm_parameters(settings: dict[str, object], name: str) -> dict[str, object]:
+    """What ``update_parameters`` takes: submitit's generic names, ``slurm_`` before the Slurm-only ones."""
+    slurm_only = {key: value for key, value in settings.items() if key not in GENERIC and key != "extra"}
+    return {"name": name, **{key: settings[key] for key in GENERIC},
+            **{f"slurm_{key}": value for key, value in {**slurm_only, **settings["extra"]}.items()}}
+
+
+def slurm_executor(out: Path, parameters: dict[str, object], cluster: str = "slurm") -> submitit.AutoExecutor:
+    """submitit's executor for the job array, its logs in ``<out>/submitit/<job id>/``.
+
+    ``cluster`` is "slurm" for ``--launcher slurm``. The tests pass submitit's "local" (every job a process
+    here, all at once, ``slurm_*`` parameters ignored) to run this path without a cluster; it is no launcher of
+    its own, since ``--launcher local`` runs the same processes here with a cap on how many at once."""
+    executor = submitit.AutoExecutor(folder=out / "submitit" / "%j", cluster=cluster)
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def run_on_slurm(todo: list[Run], comparison: Comparison, out: Path, executor: submitit.AutoExecutor,
+                 threads: int) -> Iterator[tuple[Run, dict | str]]:
+    """``--launcher slurm``: every run one job of a job array, running ``execute`` as a local worker does."""
+    if not todo:
+        return
+    jobs = executor.map_array(execute, todo, [comparison] * len(todo), [out] * len(todo), [threads] * len(todo))
+    tqdm.write(f"submitted {len(jobs)} job(s), {jobs[0].job_id} to {jobs[-1].job_id}; their logs in {out / 'submitit'}",
+               file=sys.stderr)
+    runs = {job.job_id: run for job, run in zip(jobs, todo)}
+    for job in submitit.helpers.as_completed(jobs):
+        run = runs[job.job_id]
+        try:
+            outcome = job.result()
+        except RuntimeError:  # submitit's FailedJobError, or UncompletedJobError for a job killed (time, memory)
+            logs = f"its logs: {job.paths.stdout}, {job.paths.stderr}"
+            outcome = failure(run, out, f"job {job.job_id}, {job.state}; {logs}")
+        yield run, outcome
+
+
+def compare(comparison: Comparison, out: Path, launch: Launcher) -> tuple[list[dict], list[str]]:
+    """Run what is not finished yet with ``launch``, then write the tables and plots of what finished;
+    returns the summary rows and the failures."""
     out.mkdir(parents=True, exist_ok=True)
     results: dict[Run, dict] = {}
     todo = []
@@ -292,20 +395,16 @@ def compare(comparison: Comparison, out: Path, workers: int = 1) -> tuple[list[d
             results[run] = read_run(run.folder(out), comparison)
         else:
             todo.append(run)
-    threads = max(1, (os.cpu_count() or 1) // workers)
     failures = []
     with tqdm(total=len(comparison.runs()), initial=len(results), desc=comparison.name, unit="run") as progress:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(execute, run, comparison, out, threads): run for run in todo}
-            for future in as_completed(futures):
-                run = futures[future]
-                try:
-                    results[run] = future.result()
-                except RuntimeError as error:
-                    failures.append(str(error))
-                    progress.write(str(error), file=sys.stderr)
-                progress.set_postfix_str(f"{run.group} seed {run.seed}")
-                progress.update()
+        for run, outcome in launch(todo, comparison, out):
+            if isinstance(outcome, str):
+                failures.append(outcome)
+                progress.write(outcome, file=sys.stderr)
+            else:
+                results[run] = outcome
+            progress.set_postfix_str(f"{run.group} seed {run.seed}")
+            progress.update()
     if not results:
         return [], failures
     rows = write_tables(comparison, results, out)
@@ -323,22 +422,52 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
     return overrides
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bn_lightning.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("comparison", type=Path, help="a comparison file, e.g. configs/compare/d2l.yaml")
-    parser.add_argument("--workers", type=int, default=1, help="runs at the same time, each in its own process")
+    parser.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                        help="local: runs on this machine (default); slurm: one job array on a Slurm cluster")
+    parser.add_argument("--workers", type=int, default=1, help="runs at the same time, each in its own process (local)")
     parser.add_argument("--out", type=Path, help="where the runs and results go (default lightning_logs/compare/<name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a CLI option for every run, e.g. data.data_dir=../shared/data (repeatable)")
+    slurm = parser.add_argument_group("--launcher slurm", "each overrides the comparison file's slurm: key of its name")
+    for key, (kind, default, what) in SLURM.items():
+        slurm.add_argument(f"--{key.replace('_', '-')}", type=kind,
+                           help=what if default is None else f"{what} (default {default})")
+    return parser
+
+
+def slurm_settings(comparison: Comparison, args: argparse.Namespace) -> dict[str, object]:
+    """Each Slurm setting from its flag, else from the comparison file's ``slurm:`` block, else its default."""
+    defaults = {key: default for key, (_, default, _) in SLURM.items()}
+    flags = {key: getattr(args, key) for key in SLURM if getattr(args, key) is not None}
+    return {**defaults, "extra": {}, **comparison.slurm, **flags}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.launcher == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        parser.error("Slurm was not found (no sbatch or srun on PATH): "
+                     "run on a Slurm login node, or use --launcher local")
     try:
         comparison = Comparison.load(args.comparison, parse_overrides(args.overrides))
     except (OSError, ValueError, yaml.YAMLError) as error:
         parser.error(str(error))
     out = args.out or Path("lightning_logs") / "compare" / comparison.name
-    rows, failures = compare(comparison, out, args.workers)
+    if args.launcher == "slurm":
+        settings = slurm_settings(comparison, args)
+        try:  # submitit checks the parameters' names and values here, before anything is submitted
+            executor = slurm_executor(out, slurm_parameters(settings, comparison.name))
+        except (NameError, ValueError) as error:
+            parser.error(f"{args.comparison}: slurm settings: {error}")
+        launch = partial(run_on_slurm, executor=executor, threads=settings["cpus_per_task"])
+    else:
+        launch = partial(run_locally, workers=args.workers)
+    rows, failures = compare(comparison, out, launch)
     if rows:
         print(markdown(comparison, rows))
         print(f"written to {out}: runs.csv, results.csv, results.md, val_acc.png, percentiles.png")
@@ -349,4 +478,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the importable module, so that the jobs unpickle bn_lightning.compare's execute and Run,
+    # not those of a __main__ their processes do not have.
+    from bn_lightning.compare import main as importable_main
+
+    sys.exit(importable_main())

@@ -1,17 +1,20 @@
 """The comparison runner: the matrix it builds, real runs it resumes, and tables checked against the events."""
 
 import csv
+import functools
 import math
+import os
 import statistics
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+import submitit
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bn_lightning import compare
-from conftest import REPO, SHARED_DATA, needs_real_data
+from helpers import REPO, SHARED_DATA, needs_real_data
 
 CONFIGS = REPO / "configs"
 
@@ -74,6 +77,9 @@ def test_matrix_runs_every_config_grid_point_and_seed(tmp_path):
     ({"seeds": []}, "'seeds' must list at least one entry"),
     ({"configs": ["no_such_config.yaml"]}, "config\\(s\\) not found: .*no_such_config.yaml"),
     ({"grid": {"data.batch_size": []}}, r"grid axis/axes \['data.batch_size'\] must each list at least one value"),
+    ({"slurm": {"queue": "gpu"}}, r"unknown slurm key\(s\) \['queue'\]; slurm takes \['array_parallelism', "),
+    ({"slurm": {"timeout_min": "1h"}}, r"slurm.timeout_min must be int, got '1h'"),
+    ({"slurm": "gpu"}, r"slurm must map some of \['array_parallelism', "),
 ])
 def test_a_bad_comparison_file_is_refused_with_what_to_fix(tmp_path, spec, message):
     with pytest.raises(ValueError, match=message):
@@ -91,6 +97,7 @@ def test_the_command_line_refuses_bad_arguments_before_running_anything(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_runs_in_parallel_tabulates_from_the_events_and_resumes_only_what_is_unfinished(tiny_data, tmp_path):
     path, out = write_comparison(tmp_path, tiny_data), tmp_path / "out"
     assert compare.main([str(path), "--out", str(out), "--workers", "2"]) == 0
@@ -136,6 +143,7 @@ def test_runs_in_parallel_tabulates_from_the_events_and_resumes_only_what_is_unf
     assert untouched.exists()
 
 
+@pytest.mark.slow
 def test_a_failing_run_is_reported_and_the_others_still_finish(tiny_data, tmp_path, capsys):
     path = write_comparison(tmp_path, tiny_data, seeds=[0], grid={"model.net.init_args.norm": ["none", "bogus"]},
                             configs=[str(CONFIGS / "lenet_no_bn.yaml")])
@@ -145,6 +153,95 @@ def test_a_failing_run_is_reported_and_the_others_still_finish(tiny_data, tmp_pa
     assert [row["group"] for row in read_csv(tmp_path / "out" / "results.csv")] == ["lenet_no_bn-norm=none"]
 
 
+def fake_slurm(folder: Path, monkeypatch) -> None:
+    """A login node as far as the launcher's check goes: sbatch and srun on PATH (that fail if called)."""
+    for command in ("sbatch", "srun"):
+        (folder / command).write_text("#!/bin/sh\nexit 1\n")
+        (folder / command).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+
+
+def test_without_slurm_the_slurm_launcher_says_to_use_the_local_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SystemExit) as stopped:
+        compare.main([str(write_comparison(tmp_path, tmp_path)), "--out", str(tmp_path / "out"),
+                      "--launcher", "slurm"])
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert stopped.value.code == 2 and "Slurm was not found" in last_line and "use --launcher local" in last_line
+    assert not (tmp_path / "out").exists()
+
+
+class Submitted(Exception):
+    """Raised instead of submitting: the test has what it checks."""
+
+
+def test_slurm_settings_come_from_the_file_and_the_flags_override_them(tmp_path, monkeypatch):
+    fake_slurm(tmp_path, monkeypatch)
+    passed = {}
+    check = submitit.AutoExecutor.update_parameters
+
+    def update_parameters(executor, **parameters):
+        passed.update(parameters)
+        check(executor, **parameters)  # submitit's Slurm executor takes every name and value
+        raise Submitted
+
+    monkeypatch.setattr(submitit.AutoExecutor, "update_parameters", update_parameters)
+    path = write_comparison(tmp_path, tmp_path, slurm={"partition": "cpu", "timeout_min": 30, "mem_gb": 4,
+                                                       "extra": {"account": "bn", "qos": "low"}})
+    with pytest.raises(Submitted):
+        compare.main([str(path), "--out", str(tmp_path / "out"), "--launcher", "slurm",
+                      "--partition", "gpu", "--gpus-per-node", "1", "--array-parallelism", "3"])
+    assert passed == {"name": "tiny", "timeout_min": 30, "cpus_per_task": 2, "gpus_per_node": 1, "mem_gb": 4.0,
+                      "slurm_partition": "gpu", "slurm_array_parallelism": 3,
+                      "slurm_account": "bn", "slurm_qos": "low"}
+
+
+def test_a_slurm_setting_submitit_does_not_know_is_refused_before_submitting(tmp_path, monkeypatch, capsys):
+    fake_slurm(tmp_path, monkeypatch)
+    path = write_comparison(tmp_path, tmp_path, slurm={"extra": {"acount": "bn"}})
+    with pytest.raises(SystemExit):
+        compare.main([str(path), "--out", str(tmp_path / "out"), "--launcher", "slurm"])
+    assert "slurm settings: Unknown argument 'acount'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_on_slurm_a_failing_job_is_reported_and_a_rerun_redoes_only_it(tiny_data, tmp_path, monkeypatch, capsys):
+    """The Slurm launcher end to end, each job a process here: submitit's local cluster instead of Slurm."""
+    fake_slurm(tmp_path, monkeypatch)
+    monkeypatch.setattr(compare, "slurm_executor", functools.partial(compare.slurm_executor, cluster="local"))
+    path = write_comparison(tmp_path, tiny_data, grid={"model.net.init_args.norm": ["none", "bogus"]},
+                            configs=[str(CONFIGS / "lenet_no_bn.yaml")], slurm={"cpus_per_task": 1})
+    out = tmp_path / "out"
+    command = [str(path), "--out", str(out), "--launcher", "slurm"]
+    runs = compare.Comparison.load(path, {}).runs()
+
+    def jobs() -> set[str]:  # one folder a job (submitit's local cluster also leaves an empty "%j")
+        return {folder.name for folder in (out / "submitit").iterdir() if folder.name != "%j"}
+
+    def mtimes(name: str, norm: str) -> dict:
+        return {run: (run.folder(out) / name).stat().st_mtime_ns for run in runs if run.group.endswith(f"={norm}")}
+
+    assert compare.main(command) == 1
+    err = capsys.readouterr().err
+    assert "submitted 4 job(s)" in err and "run the same command again" in err
+    for seed in (0, 1):
+        failed = out / "lenet_no_bn-norm=bogus" / f"seed_{seed}"
+        assert f"lenet_no_bn-norm=bogus seed {seed} failed (job " in err and f"{failed / 'fit.log'} ends with:" in err
+    assert "_0_log.out" in err and "_0_log.err" in err  # submitit's own logs of the job
+    assert "Expected a typing.Literal['none', 'scratch', 'torch']. Got value: bogus" in err
+    assert [(row["group"], row["seeds"]) for row in read_csv(out / "results.csv")] == [("lenet_no_bn-norm=none", "2")]
+    first = jobs()
+    assert len(first) == 4
+
+    finished, logs = mtimes(compare.RESULT_FILE, "none"), mtimes("fit.log", "bogus")
+    assert compare.main(command) == 1
+    assert "submitted 2 job(s)" in capsys.readouterr().err
+    assert mtimes(compare.RESULT_FILE, "none") == finished
+    assert all(mtime != logs[run] for run, mtime in mtimes("fit.log", "bogus").items())  # the failed ones ran again
+    assert len(jobs() - first) == 2
+
+
+@pytest.mark.slow
 @needs_real_data
 def test_quick_comparison_on_the_real_data_shows_bn_learning_faster(tmp_path):
     out = tmp_path / "quick"
