@@ -3,7 +3,7 @@
     python benchmarks/logging_overhead.py [--data-dir DIR] [--epochs 1] [--batches N] [--repeats 5]
 
 LeNet with our BN on the real Fashion-MNIST with Dive into Deep Learning's settings (SGD lr 1.0,
-batch 256), in one process. "on" runs get the callbacks exactly as configs/lenet_bn_scratch.yaml
+batch 256), in one process. "on" runs get the callbacks exactly as bn_lightning/defaults.yaml
 sets them; "off" runs get none; both log to TensorBoard as a run does. The two alternate
 (on, off, off, on, ...) so that drifts in machine load hit both alike, after one short warm-up fit.
 Validation is off, so an epoch is training only. Prints the median seconds per epoch of each and
@@ -34,7 +34,7 @@ from bn_lightning.module import Classifier
 from common import markdown_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "lenet_bn_scratch.yaml"
+CONFIG = REPO / "bn_lightning" / "defaults.yaml"  # the callbacks every run has
 
 
 class EpochTimer(Callback):
@@ -51,7 +51,7 @@ class EpochTimer(Callback):
 
 
 def configured_callbacks() -> list[Callback]:
-    """The callbacks of the config, built from their class_path and init_args."""
+    """The callbacks every run has, built from their class_path and init_args."""
     callbacks = []
     for spec in yaml.safe_load(CONFIG.read_text())["trainer"]["callbacks"]:
         module, name = spec["class_path"].rsplit(".", 1)
