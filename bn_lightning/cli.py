@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bn_lightning._private import known_subclasses
-from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.data import FashionMNISTDataModule, default_data_dir
 from bn_lightning.errors import CLEAR_ERRORS
 from bn_lightning.module import Classifier
 from bn_lightning.resume import EXIT_CODES, StopAndResume, find_last_checkpoint, run_folders
@@ -56,8 +56,11 @@ class BNLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """Settings decided before anything is built, written into the config so that config.yaml records
-        them: the training order's seed, weights-only checkpoint loading, and where ``--ckpt_path last`` resumes."""
+        them: the data folder, the training order's seed, weights-only checkpoint loading, and where
+        ``--ckpt_path last`` resumes."""
         config = self.config[self.subcommand]
+        if config.data.data_dir is None:
+            config.data.data_dir = default_data_dir()
         if config.data.shuffle_seed is None:  # the DataModule's own default: seed_everything's seed, set by now
             config.data.shuffle_seed = torch.initial_seed()
         if config.get("weights_only") is None:

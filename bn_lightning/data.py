@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -23,6 +24,15 @@ RAW_FILES = (
     "t10k-labels-idx1-ubyte",
 )
 CLASSES = FashionMNIST.classes
+DATA_ENV = "BN_LIGHTNING_DATA"  # a torchvision root holding Fashion-MNIST elsewhere than data/
+
+
+def default_data_dir() -> str:
+    """``data`` when it holds Fashion-MNIST (or nothing else says where it is: downloads go there), else
+    ``$BN_LIGHTNING_DATA``."""
+    if (Path("data") / "FashionMNIST" / "raw").is_dir() or not os.environ.get(DATA_ENV):
+        return "data"
+    return os.environ[DATA_ENV]
 
 
 def _corrupt(path: Path, problem: str) -> CorruptDataError:
@@ -96,7 +106,8 @@ class FashionMNISTDataModule(LightningDataModule):
     """Fashion-MNIST with a seeded train/validation split of the official training set.
 
     Args:
-        data_dir: torchvision root, the folder that holds ``FashionMNIST/raw``.
+        data_dir: torchvision root, the folder that holds ``FashionMNIST/raw``; None: ``default_data_dir()``,
+            which the CLI writes into the run's config.yaml.
         batch_size: images per batch, for every stage.
         val_size: images of the 60,000 training images held out for validation.
         split_seed: seed of the train/validation split, independent of the run's seed.
@@ -112,7 +123,7 @@ class FashionMNISTDataModule(LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data",
+        data_dir: str | None = None,
         batch_size: int = 256,
         val_size: int = 5_000,
         split_seed: int = 42,
@@ -129,7 +140,8 @@ class FashionMNISTDataModule(LightningDataModule):
             raise ValueError(f"val_size must be a positive number of images, got {val_size}")
         if std <= 0:
             raise ValueError(f"std must be positive (inputs are divided by it), got {std}")
-        data_dir = str(data_dir)  # saved as text: a Path in the checkpoint would not load weights-only
+        # Saved as text: a Path in the checkpoint would not load weights-only.
+        data_dir = str(data_dir) if data_dir is not None else default_data_dir()
         if shuffle_seed is None:
             shuffle_seed = torch.initial_seed()
         self.save_hyperparameters()

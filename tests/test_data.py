@@ -2,17 +2,19 @@
 
 import gzip
 import shutil
+from pathlib import Path
 from urllib.error import URLError
 
 import pytest
 import torch
 import torchvision.datasets.mnist
+import yaml
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from bn_lightning.data import RAW_FILES, FashionMNISTDataModule
+from bn_lightning.data import DATA_ENV, RAW_FILES, FashionMNISTDataModule
 from bn_lightning.errors import CorruptDataError, DataNotFoundError, DataSizeError
-from helpers import SHARED_DATA, needs_real_data, write_fashion_mnist, write_idx
+from helpers import CONFIGS, SHARED_DATA, needs_real_data, write_fashion_mnist, write_idx
 
 
 def ready(dm: FashionMNISTDataModule, stage: str = "fit") -> FashionMNISTDataModule:
@@ -174,3 +176,26 @@ def test_real_fashion_mnist_split_and_statistics():
     pixels = torch.cat([dm.train_set.images, dm.val_set.images]).float() / 255
     assert pixels.mean().item() == pytest.approx(0.2861, abs=1e-4)  # the data's README: 0.286105
     assert pixels.std(correction=0).item() == pytest.approx(0.3528, abs=1e-4)
+
+
+def test_the_data_folder_is_data_first_then_the_environment(tmp_path, monkeypatch, tiny_data):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    assert FashionMNISTDataModule().hparams.data_dir == "data"  # where a download would go
+    monkeypatch.setenv(DATA_ENV, str(tiny_data))
+    assert FashionMNISTDataModule().hparams.data_dir == str(tiny_data)
+    (tmp_path / "data" / "FashionMNIST" / "raw").mkdir(parents=True)
+    assert FashionMNISTDataModule().hparams.data_dir == "data"  # the user's own copy comes first
+    assert FashionMNISTDataModule(data_dir="elsewhere").hparams.data_dir == "elsewhere"
+
+
+def test_the_cli_records_the_data_folder_it_used(tmp_path, monkeypatch, tiny_data):
+    from bn_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(DATA_ENV, str(tiny_data))
+    cli = main(["fit", "--config", str(CONFIGS / "lenet_no_bn.yaml"), "--data.batch_size=32", "--data.val_size=40",
+                "--trainer.max_steps=2", "--test_after_fit=false", "--trainer.enable_progress_bar=false"])
+    assert cli.datamodule.hparams.data_dir == str(tiny_data)
+    saved = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
+    assert saved["data"]["data_dir"] == str(tiny_data)
