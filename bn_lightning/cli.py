@@ -78,7 +78,7 @@ class BNLightningCLI(LightningCLI):
         checkpoint callback keeps its best-so-far, and the resumed command's config is saved beside the
         first as ``config.resumed-step<N>.yaml``."""
         logger = _tensorboard_logger_args(config.trainer.logger)
-        root = logger and Path(logger.save_dir) / (logger.name or "")
+        root = Path(logger.save_dir) / (logger.name or "") if logger is not None else None
         if config.ckpt_path == "last":
             folders = self._checkpoint_folders(config, root, logger)
             found = find_last_checkpoint(folders)
