@@ -36,10 +36,10 @@ def rewind_to_last_completed_batch(checkpoint: dict, completed: int) -> None:
     loops["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
-def write_summary(writer: SummaryWriter, summary, step: int = 0) -> None:
-    """Write a ready-made summary protobuf into the writer's own event file. ``SummaryWriter``'s public
+def write_summary(writer: SummaryWriter, summary) -> None:
+    """Write a ready-made summary protobuf, at step 0, into the writer's own event file. ``SummaryWriter``'s public
     ``add_hparams`` would write it into a new subfolder, a separate run in TensorBoard."""
-    writer._get_file_writer().add_summary(summary, global_step=step)
+    writer._get_file_writer().add_summary(summary, global_step=0)
 
 
 def known_subclasses(parser, key: str) -> str:

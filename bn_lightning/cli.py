@@ -59,9 +59,11 @@ class BNLightningCLI(LightningCLI):
         them: the data folder, the training order's seed, weights-only checkpoint loading, and where
         ``--ckpt_path last`` resumes."""
         config = self.config[self.subcommand]
+        # The DataModule's own rules for these two, applied here because under LightningCLI its
+        # hyperparameters are the config's: config.yaml and hparams.yaml then record what was chosen.
         if config.data.data_dir is None:
             config.data.data_dir = default_data_dir()
-        if config.data.shuffle_seed is None:  # the DataModule's own default: seed_everything's seed, set by now
+        if config.data.shuffle_seed is None:  # seed_everything's seed, set by now
             config.data.shuffle_seed = torch.initial_seed()
         if config.get("weights_only") is None:
             # Our checkpoints hold tensors, numbers, strings and containers only, nothing to unpickle.
