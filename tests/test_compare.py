@@ -14,9 +14,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bn_lightning import compare
-from helpers import REPO, SHARED_DATA, needs_real_data
-
-CONFIGS = REPO / "configs"
+from helpers import CONFIGS, SHARED_DATA, needs_real_data
 
 
 def write_comparison(folder: Path, data: Path, **spec) -> Path:
