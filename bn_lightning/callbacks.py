@@ -31,10 +31,8 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from bn_lightning import model
 from bn_lightning._private import write_summary
-from bn_lightning.norm import _BatchNorm as ScratchBatchNorm
+from bn_lightning.norm import BATCH_NORMS
 
-# torch's SyncBatchNorm and the LazyBatchNorm classes (once built) are subclasses of these.
-BATCH_NORMS = (ScratchBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 ACTIVATIONS = tuple(model.ACTIVATIONS.values())
 PERCENTILES = (15, 50, 85)
 HISTOGRAM_BINS = 64

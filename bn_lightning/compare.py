@@ -4,7 +4,8 @@
     python -m bn_lightning.compare configs/compare/d2l.yaml --launcher slurm [--partition gpu --gpus-per-node 1]
 
 A comparison file names the configs, the seeds, optional ``grid`` axes (a CLI option and its
-values), ``args`` for every run, the val-accuracy ``threshold`` to report and optional ``slurm``
+values), ``args`` for every run, the val-accuracy ``threshold`` to report, optional ``series`` (tag
+patterns, e.g. ``ics/*``, whose every logged value goes into ``series.csv``) and optional ``slurm``
 settings. Each run is one ``python -m bn_lightning fit`` process logging to ``<out>/<group>/seed_<s>/``,
 where ``out`` is ``lightning_logs/compare/<name>`` and a group is a config with its grid values.
 ``--launcher local`` (the default) runs them on this machine, ``--workers`` at a time; ``--launcher
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import itertools
 import json
 import math
@@ -87,12 +89,13 @@ class Comparison:
     args: dict[str, object] = field(default_factory=dict)
     threshold: float = 0.8
     percentile_layer: str = "fc2"
+    series: list[str] = field(default_factory=list)
     slurm: dict[str, object] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path, overrides: dict[str, object]) -> Comparison:
         spec = yaml.safe_load(path.read_text()) or {}
-        known = {"configs", "seeds", "grid", "args", "threshold", "percentile_layer", "slurm"}
+        known = {"configs", "seeds", "grid", "args", "threshold", "percentile_layer", "series", "slurm"}
         if unknown := set(spec) - known:
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; a comparison takes {sorted(known)}")
         for key in ("configs", "seeds"):
@@ -112,6 +115,7 @@ class Comparison:
             args={**(spec.get("args") or {}), **overrides},
             threshold=float(spec.get("threshold", cls.threshold)),
             percentile_layer=spec.get("percentile_layer", cls.percentile_layer),
+            series=[str(pattern) for pattern in spec.get("series") or []],
             slurm=slurm_block(path, spec.get("slurm") or {}),
         )
 
@@ -149,8 +153,10 @@ def fit_command(run: Run, comparison: Comparison, out: Path) -> list[str]:
         "trainer.logger.init_args.version": f"seed_{run.seed}",
         "trainer.enable_progress_bar": False,
     }
+    # A list or mapping (callbacks to add: "trainer.callbacks+") goes as JSON, which jsonargparse reads.
     return [sys.executable, "-m", "bn_lightning", "fit", "--config", str(run.config),
-            *(f"--{key}={value}" for key, value in options.items())]
+            *(f"--{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"
+              for key, value in options.items())]
 
 
 def execute(run: Run, comparison: Comparison, out: Path, threads: int) -> dict:
@@ -207,6 +213,8 @@ def read_run(folder: Path, comparison: Comparison) -> dict:
         "bn_mean_gap": statistics.fmean(value for gap in gaps for _, value in gap) if gaps else math.nan,
         "val_acc": val,
         "percentiles": {f"p{p}": series(f"act/{layer}/unit/p{p}") for p in PERCENTILES},
+        "series": {tag: series(tag) for tag in sorted(events.Tags()["scalars"])
+                   if any(fnmatch.fnmatchcase(tag, pattern) for pattern in comparison.series)},
     }
 
 
@@ -276,6 +284,13 @@ def write_tables(comparison: Comparison, results: dict[Run, dict], out: Path) ->
         writer.writeheader()
         writer.writerows(rows)
     (out / "results.md").write_text(markdown(comparison, rows))
+    if comparison.series:
+        with open(out / "series.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["group", "seed", "tag", "step", "value"])
+            for run in comparison.runs():
+                for tag, points in results.get(run, {}).get("series", {}).items():
+                    writer.writerows([run.group, run.seed, tag, step, value] for step, value in points)
     return rows
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
+from bn_lightning import noisy_norm
 from bn_lightning import norm as scratch
 
 # Each norm as (layer for feature vectors, layer for feature maps).
@@ -14,11 +16,13 @@ NORMS = {
     "none": None,
     "scratch": (scratch.BatchNorm1d, scratch.BatchNorm2d),
     "torch": (nn.BatchNorm1d, nn.BatchNorm2d),
+    "noisy_bn": (noisy_norm.NoisyBatchNorm1d, noisy_norm.NoisyBatchNorm2d),
 }
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
-Norm = Literal["none", "scratch", "torch"]
+Norm = Literal["none", "scratch", "torch", "noisy_bn"]
+NormPosition = Literal["before", "after"]
 Activation = Literal["sigmoid", "relu"]
 Pool = Literal["avg", "max"]
 
@@ -32,39 +36,66 @@ def _choose(kind: str, value: str, table: dict):
 class LeNet(nn.Sequential):
     """conv(1->6,5) conv(6->16,5) fc(256->120) fc(120->84), each followed by norm -> act, then fc(84->10).
 
-    The norm sits between the affine layer and its activation, as in Ioffe & Szegedy and
-    Dive into Deep Learning. Every norm choice gives the same module names and state_dict
-    keys (``none`` puts an ``nn.Identity`` in the norm's place), so a callback or a
-    checkpoint finds ``conv1.norm`` whatever the run. Weights start Xavier-uniform, as in the book.
+    The norm sits between the affine layer and its activation (``norm_position="before"``), as in
+    Ioffe & Szegedy and Dive into Deep Learning, or after the activation (``"after"``). Every choice
+    gives the same module names and state_dict keys (``none`` puts an ``nn.Identity`` in the norm's
+    place), so a callback or a checkpoint finds ``conv1.norm`` whatever the run.
+
+    Weights start Xavier-uniform, as in the book, with ``init_gain`` as Xavier's gain (4 is Glorot &
+    Bengio's advice for the sigmoid, whose slope at 0 is 1/4). ``noise_shift`` and ``noise_scale`` set
+    the noise of ``norm="noisy_bn"`` (:mod:`bn_lightning.noisy_norm`); its layers' noise seeds follow
+    from torch's seed, so the weights equal those of ``norm="scratch"`` built after the same seed.
     """
 
-    def __init__(self, norm: Norm = "none", activation: Activation = "sigmoid", pool: Pool = "avg") -> None:
+    def __init__(self, norm: Norm = "none", activation: Activation = "sigmoid", pool: Pool = "avg",
+                 norm_position: NormPosition = "before", init_gain: float = 1.0,
+                 noise_shift: float = 1.0, noise_scale: float = 2.0) -> None:
         norm_classes = _choose("norm", norm, NORMS)
         act = _choose("activation", activation, ACTIVATIONS)
         pool_cls = _choose("pool", pool, POOLS)
+        _choose("norm_position", norm_position, {"before": None, "after": None})
+        if not init_gain > 0:
+            raise ValueError(f"init_gain must be positive, it scales the Xavier-uniform weights: got {init_gain}")
+        if norm != "noisy_bn" and (noise_shift, noise_scale) != (1.0, 2.0):
+            raise ValueError(f"noise_shift and noise_scale set the noise of norm: noisy_bn; this network has "
+                             f"norm: {norm}. Set norm: noisy_bn, or leave them out")
+        seed = torch.initial_seed()
 
-        def block(affine: nn.Module, width: int, spatial: bool) -> nn.Sequential:
+        def make_norm(width: int, spatial: bool, index: int) -> nn.Module:
+            if norm_classes is None:
+                return nn.Identity()
+            cls = norm_classes[1 if spatial else 0]
+            if norm == "noisy_bn":
+                return cls(width, noise_shift=noise_shift, noise_scale=noise_scale, noise_seed=seed % 2**40 * 16 + index)
+            return cls(width)
+
+        def block(affine: nn.Module, width: int, spatial: bool, index: int) -> nn.Sequential:
             layers = OrderedDict(affine=affine)
-            layers["norm"] = nn.Identity() if norm_classes is None else norm_classes[1 if spatial else 0](width)
-            layers["act"] = act()
+            if norm_position == "before":
+                layers["norm"] = make_norm(width, spatial, index)
+                layers["act"] = act()
+            else:
+                layers["act"] = act()
+                layers["norm"] = make_norm(width, spatial, index)
             if spatial:
                 layers["pool"] = pool_cls(kernel_size=2, stride=2)
             return nn.Sequential(layers)
 
         super().__init__(
             OrderedDict(
-                conv1=block(nn.Conv2d(1, 6, kernel_size=5), 6, spatial=True),
-                conv2=block(nn.Conv2d(6, 16, kernel_size=5), 16, spatial=True),
+                conv1=block(nn.Conv2d(1, 6, kernel_size=5), 6, spatial=True, index=0),
+                conv2=block(nn.Conv2d(6, 16, kernel_size=5), 16, spatial=True, index=1),
                 flatten=nn.Flatten(),
-                fc1=block(nn.Linear(16 * 4 * 4, 120), 120, spatial=False),
-                fc2=block(nn.Linear(120, 84), 84, spatial=False),
+                fc1=block(nn.Linear(16 * 4 * 4, 120), 120, spatial=False, index=2),
+                fc2=block(nn.Linear(120, 84), 84, spatial=False, index=3),
                 head=nn.Linear(84, 10),
             )
         )
-        self.norm, self.activation, self.pool = norm, activation, pool
+        self.norm, self.activation, self.pool, self.norm_position = norm, activation, pool, norm_position
+        self.init_gain, self.noise_shift, self.noise_scale = init_gain, noise_shift, noise_scale
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.xavier_uniform_(module.weight)
+                nn.init.xavier_uniform_(module.weight, gain=init_gain)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1:] != (1, 28, 28):

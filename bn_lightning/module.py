@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from bn_lightning._private import is_logging_step
 from bn_lightning.errors import NonFiniteLossError
+from bn_lightning.trainable import Trainable, restrict_training
 
 STAGES = ("train", "val", "test")
 
@@ -43,15 +44,23 @@ class Classifier(LightningModule):
     (``train/acc_step``), and per epoch (``train/acc_epoch``); validation and test per epoch
     (``val/acc``). A non-finite loss, or non-finite weights about to be checkpointed, stop
     training with :class:`NonFiniteLossError`.
+
+    ``trainable`` picks the weights that train (:mod:`bn_lightning.trainable`): ``all``, only the BN
+    layers' (``norm``), or as many ordinary ones chosen at random (``random``, picked with
+    ``trainable_seed``, by default torch's seed); ``train_head`` adds the output layer to the last two.
     """
 
-    def __init__(self, net: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD, num_classes: int = 10) -> None:
+    def __init__(self, net: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD, num_classes: int = 10,
+                 trainable: Trainable = "all", train_head: bool = True, trainable_seed: int | None = None) -> None:
         super().__init__()
+        if trainable_seed is None:
+            trainable_seed = torch.initial_seed()
         # The network is described in the hyperparameters, not kept there: a module in hparams would be
         # pickled into every checkpoint.
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net"] = network_hparams(net)
         self.net = net
+        self.trained_weights = restrict_training(net, trainable, train_head, trainable_seed)
         self.optimizer = optimizer
         # Keyed "<stage>_acc" / "<stage>_loss": a bare "train" key would clash with Module.train.
         self.metrics = nn.ModuleDict()
@@ -159,4 +168,8 @@ class Classifier(LightningModule):
         return self(batch[0]).argmax(dim=1)
 
     def configure_optimizers(self):
-        return self.optimizer(self.parameters())
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.hparams.trainable == "random" and any(group.get("weight_decay") for group in optimizer.param_groups):
+            raise ValueError("trainable: random masks the gradients of the weights it leaves frozen, and weight decay "
+                             "would still move them: set the optimizer's weight_decay to 0")
+        return optimizer

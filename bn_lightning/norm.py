@@ -418,6 +418,10 @@ class _BatchNorm(nn.Module):
         return group if dist.get_world_size(group) > 1 else None
 
 
+# Every batch-norm layer, ours and torch's (its LazyBatchNorm classes, once built, are subclasses of these).
+BATCH_NORMS = (_BatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 class BatchNorm1d(_BatchNorm):
     """Batch normalization over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input."""
 

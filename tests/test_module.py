@@ -47,7 +47,9 @@ def test_hyperparameters_describe_the_network_without_holding_it():
     model = Classifier(LeNet("scratch", pool="max"), num_classes=10)
     assert model.hparams.num_classes == 10
     assert model.hparams.net == {"class_path": "bn_lightning.model.LeNet",
-                                 "init_args": {"norm": "scratch", "activation": "sigmoid", "pool": "max"}}
+                                 "init_args": {"norm": "scratch", "activation": "sigmoid", "pool": "max",
+                                               "norm_position": "before", "init_gain": 1.0,
+                                               "noise_shift": 1.0, "noise_scale": 2.0}}
 
 
 def test_a_checkpoint_of_a_cli_run_loads_on_its_own(tiny_data, tmp_path):

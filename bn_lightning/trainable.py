@@ -1,0 +1,88 @@
+"""Which weights train: all of them, only the BN layers' gamma and beta, or a random control of the same size.
+
+Frankle, Schwab & Morcos 2020 ("Training BatchNorm and only BatchNorm") freeze every other weight at
+its random initialization and find that gamma and beta alone train a network far above chance. Their
+control trains, instead, the same number of ordinary weights chosen at random: two per output channel
+of each layer that feeds a BN, as many as that BN's gamma and beta. ``train_head`` also trains the output
+layer, which both of their variants try; ``all`` without it is every weight but the output layer's
+(Hoffer et al. 2018, "Fix your classifier").
+
+The net's blocks must name their layers as :class:`~bn_lightning.model.LeNet` does: ``affine`` then
+``norm``; the head is its last ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from bn_lightning.norm import BATCH_NORMS
+
+Trainable = Literal["all", "norm", "random"]
+TRAINABLE = ("all", "norm", "random")
+
+
+def _head(net: nn.Module) -> nn.Linear:
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"train_head needs an output layer (an nn.Linear); {type(net).__name__} has none")
+    return linears[-1]
+
+
+def _normed_blocks(net: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(affine layer, its BN) of every block that has both."""
+    return [(block.affine, block.norm) for block in net.modules()
+            if isinstance(getattr(block, "affine", None), nn.Module) and isinstance(getattr(block, "norm", None), BATCH_NORMS)]
+
+
+def _random_mask(layer: nn.Module, per_channel: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A 0/1 mask per parameter of ``layer`` with ``per_channel`` ones in each output channel's weights and bias."""
+    weight, bias = layer.weight, layer.bias
+    rows = weight.detach().reshape(weight.shape[0], -1)
+    width = rows.shape[1] + (bias is not None)
+    chosen = torch.rand(rows.shape[0], width, generator=generator).argsort(dim=1)[:, :per_channel]
+    mask = torch.zeros(rows.shape[0], width).scatter_(1, chosen, 1.0)
+    masks = {"weight": mask[:, : rows.shape[1]].reshape(weight.shape)}
+    if bias is not None:
+        masks["bias"] = mask[:, -1].clone()
+    return masks
+
+
+def restrict_training(net: nn.Module, trainable: Trainable, train_head: bool, seed: int) -> int:
+    """Freeze what does not train (``requires_grad=False``; for ``random``, a gradient mask on the chosen
+    layers' weights) and return how many weights train. ``seed`` picks the random control's weights."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"unknown trainable {trainable!r}; choose one of: {', '.join(TRAINABLE)}")
+    if trainable == "all":
+        if not train_head:
+            for p in _head(net).parameters():
+                p.requires_grad_(False)
+        return sum(p.numel() for p in net.parameters() if p.requires_grad)
+    blocks = _normed_blocks(net)
+    if not blocks:
+        raise ValueError(f"trainable: {trainable} needs batch-norm layers (its count of weights is theirs), and this "
+                         f"network has none: give it a norm (model.net.init_args.norm: scratch or torch)")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    count = 0
+    generator = torch.Generator().manual_seed(seed)
+    for affine, bn in blocks:
+        if trainable == "norm":
+            for p in bn.parameters():
+                p.requires_grad_(True)
+                count += p.numel()
+            continue
+        for name, mask in _random_mask(affine, sum(p.numel() for p in bn.parameters()) // bn.num_features,
+                                       generator).items():
+            param = getattr(affine, name)
+            param.requires_grad_(True)
+            mask = mask.to(param.device, param.dtype)
+            param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))
+            count += int(mask.sum())
+    if train_head:
+        for p in _head(net).parameters():
+            p.requires_grad_(True)
+            count += p.numel()
+    return count
