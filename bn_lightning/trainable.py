@@ -3,7 +3,8 @@
 Frankle, Schwab & Morcos 2020 ("Training BatchNorm and only BatchNorm") freeze every other weight at
 its random initialization and find that gamma and beta alone train a network far above chance. Their
 control trains, instead, the same number of ordinary weights chosen at random: two per output channel
-of each layer that feeds a BN, as many as that BN's gamma and beta. ``train_head`` also trains the output
+of each layer that feeds a BN, as many as that BN's gamma and beta. They are chosen among the layer's
+weights, not its bias: a BN right after a layer subtracts the mean, so that bias gets no gradient. ``train_head`` also trains the output
 layer, which both of their variants try; ``all`` without it is every weight but the output layer's
 (Hoffer et al. 2018, "Fix your classifier").
 
@@ -37,17 +38,11 @@ def _normed_blocks(net: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
             if isinstance(getattr(block, "affine", None), nn.Module) and isinstance(getattr(block, "norm", None), BATCH_NORMS)]
 
 
-def _random_mask(layer: nn.Module, per_channel: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A 0/1 mask per parameter of ``layer`` with ``per_channel`` ones in each output channel's weights and bias."""
-    weight, bias = layer.weight, layer.bias
+def _random_mask(weight: torch.Tensor, per_channel: int, generator: torch.Generator) -> torch.Tensor:
+    """A 0/1 mask of ``weight`` with ``per_channel`` ones in each output channel's row, placed at random."""
     rows = weight.detach().reshape(weight.shape[0], -1)
-    width = rows.shape[1] + (bias is not None)
-    chosen = torch.rand(rows.shape[0], width, generator=generator).argsort(dim=1)[:, :per_channel]
-    mask = torch.zeros(rows.shape[0], width).scatter_(1, chosen, 1.0)
-    masks = {"weight": mask[:, : rows.shape[1]].reshape(weight.shape)}
-    if bias is not None:
-        masks["bias"] = mask[:, -1].clone()
-    return masks
+    chosen = torch.rand(rows.shape, generator=generator).argsort(dim=1)[:, :per_channel]
+    return torch.zeros(rows.shape).scatter_(1, chosen, 1.0).reshape(weight.shape)
 
 
 def restrict_training(net: nn.Module, trainable: Trainable, train_head: bool, seed: int) -> int:
@@ -74,13 +69,11 @@ def restrict_training(net: nn.Module, trainable: Trainable, train_head: bool, se
                 p.requires_grad_(True)
                 count += p.numel()
             continue
-        for name, mask in _random_mask(affine, sum(p.numel() for p in bn.parameters()) // bn.num_features,
-                                       generator).items():
-            param = getattr(affine, name)
-            param.requires_grad_(True)
-            mask = mask.to(param.device, param.dtype)
-            param.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))
-            count += int(mask.sum())
+        weight = affine.weight
+        mask = _random_mask(weight, sum(p.numel() for p in bn.parameters()) // bn.num_features, generator)
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad, mask=mask.to(weight.dtype): grad * mask.to(grad.device))
+        count += int(mask.sum())
     if train_head:
         for p in _head(net).parameters():
             p.requires_grad_(True)
