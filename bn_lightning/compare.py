@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -46,7 +47,9 @@ from tqdm import tqdm
 
 PERCENTILES = (15, 50, 85)
 RESULT_FILE = "result.json"
-FIGURES = ("final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch", "bn_mean_gap")
+FIGURES = ("final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch", "bn_mean_gap",
+           "diverged_at_step")
+DIVERGED = re.compile(r"training diverged at step (\d+)")  # Classifier's NonFiniteLossError
 GAP_LOGS = 5  # bn_mean_gap averages a run's last this many logs
 # The settings of a Slurm job (a comparison file's ``slurm:`` keys, and flags): submitit's names, each with its
 # type, default and help. ``extra`` (file only) adds any other of submitit's slurm_* parameters, e.g. account.
@@ -170,7 +173,7 @@ def execute(run: Run, comparison: Comparison, out: Path, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(folder / "fit.log", "w") as log:
         process = subprocess.run(fit_command(run, comparison, out), stdout=log, stderr=subprocess.STDOUT, env=env)
-    if process.returncode != 0:
+    if process.returncode != 0 and diverged_at(folder) is None:  # a diverged run is a result, not a failure
         raise RuntimeError(failure(run, out, f"exit {process.returncode}"))
     result = read_run(folder, comparison)
     (folder / RESULT_FILE).write_text(json.dumps(result) + "\n")
@@ -186,36 +189,50 @@ def failure(run: Run, out: Path, why: str) -> str:
     return f"{run.group} seed {run.seed} failed ({why}); {log} ends with:\n" + "\n".join(tail)
 
 
+def diverged_at(folder: Path) -> int | None:
+    """The step at which the run's training diverged (its loss or weights not finite), or None."""
+    log = folder / "fit.log"
+    found = DIVERGED.search(log.read_text(errors="replace")) if log.exists() else None
+    return int(found.group(1)) if found else None
+
+
 def read_run(folder: Path, comparison: Comparison) -> dict:
-    """The figures of one finished run, from its TensorBoard event file."""
+    """The figures of one finished run, from its TensorBoard event file. A run that diverged has no final
+    or test accuracy (its weights are not finite), only the epochs it validated before."""
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
 
     def series(tag: str) -> list[tuple[int, float]]:
         return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
 
+    diverged = diverged_at(folder)
     val = series("val/acc")
-    if not val:
+    if not val and diverged is None:
         raise RuntimeError(f"{folder}: no val/acc in the events; did validation run?")
     test = series("test/acc")
-    epoch_ends = [e.wall_time for e in events.Scalars("train/acc_epoch")]
+    epoch_ends = [e.wall_time for e in series_events(events, "train/acc_epoch")]
     starts = [events.FirstEventTimestamp(), *epoch_ends[:-1]]
     reached = [step for step, value in val if value >= comparison.threshold]
     gaps = [series(tag)[-GAP_LOGS:] for tag in events.Tags()["scalars"] if tag.startswith("bn/") and tag.endswith("/mean_gap")]
     layer = comparison.percentile_layer
     return {
-        "final_val_acc": val[-1][1],
-        "test_acc": test[-1][1] if test else math.nan,
-        "best_val_acc": max(value for _, value in val),
+        "final_val_acc": val[-1][1] if diverged is None else math.nan,
+        "test_acc": test[-1][1] if test and diverged is None else math.nan,
+        "best_val_acc": max((value for _, value in val), default=math.nan),
         "step_to_threshold": reached[0] if reached else None,
-        "seconds_per_epoch": statistics.median(end - start for start, end in zip(starts, epoch_ends)),
+        "seconds_per_epoch": statistics.median(end - start for start, end in zip(starts, epoch_ends)) if epoch_ends else math.nan,
         # How far batch means sit from the running means evaluation uses: noise that grows as batches shrink.
         "bn_mean_gap": statistics.fmean(value for gap in gaps for _, value in gap) if gaps else math.nan,
         "val_acc": val,
         "percentiles": {f"p{p}": series(f"act/{layer}/unit/p{p}") for p in PERCENTILES},
         "series": {tag: series(tag) for tag in sorted(events.Tags()["scalars"])
                    if any(fnmatch.fnmatchcase(tag, pattern) for pattern in comparison.series)},
+        "diverged_at_step": diverged,
     }
+
+
+def series_events(events: EventAccumulator, tag: str) -> list:
+    return events.Scalars(tag) if tag in events.Tags()["scalars"] else []
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -242,6 +259,7 @@ def summarize(comparison: Comparison, results: dict[Run, dict]) -> list[dict]:
         for figure in FIGURES:
             row[f"{figure}_mean"], row[f"{figure}_std"] = mean_std([r[figure] for r in runs])
         row["reached_threshold"] = sum(r["step_to_threshold"] is not None for r in runs)
+        row["diverged"] = sum(r["diverged_at_step"] is not None for r in runs)
         rows.append(row)
     return rows
 
@@ -255,8 +273,9 @@ def _pm(mean: float, std: float, digits: int) -> str:
 def markdown(comparison: Comparison, rows: list[dict]) -> str:
     threshold = f"step to val acc ≥ {comparison.threshold:g}"
     lines = [
-        f"| run | seeds | final val acc | test acc | best val acc | {threshold} | s/epoch | BN \\|batch - running mean\\| |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| run | seeds | final val acc | test acc | best val acc | {threshold} | s/epoch | BN \\|batch - running mean\\| "
+        "| diverged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         reached = _pm(row["step_to_threshold_mean"], row["step_to_threshold_std"], 0)
@@ -266,7 +285,7 @@ def markdown(comparison: Comparison, rows: list[dict]) -> str:
             f"| {row['group']} | {row['seeds']} | {_pm(row['final_val_acc_mean'], row['final_val_acc_std'], 4)} "
             f"| {_pm(row['test_acc_mean'], row['test_acc_std'], 4)} | {_pm(row['best_val_acc_mean'], row['best_val_acc_std'], 4)} "
             f"| {reached} | {_pm(row['seconds_per_epoch_mean'], row['seconds_per_epoch_std'], 2)} "
-            f"| {_pm(row['bn_mean_gap_mean'], row['bn_mean_gap_std'], 3)} |"
+            f"| {_pm(row['bn_mean_gap_mean'], row['bn_mean_gap_std'], 3)} | {row['diverged']}/{row['seeds']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -299,8 +318,11 @@ def val_acc_figure(comparison: Comparison, groups: dict[str, list[dict]]) -> Fig
     figure = Figure(figsize=(8, 5), layout="tight")
     axes = figure.subplots()
     for group, runs in groups.items():
-        steps = [step for step, _ in runs[0]["val_acc"]]
+        steps = [step for step, _ in max((run["val_acc"] for run in runs), key=len)]
+        # The seeds that validated every epoch (a diverged run stops early).
         curves = [[value for _, value in run["val_acc"]] for run in runs if len(run["val_acc"]) == len(steps)]
+        if not steps:
+            continue
         means = [statistics.fmean(column) for column in zip(*curves)]
         line, = axes.plot(steps, means, marker=".", label=f"{group} ({len(curves)} seeds)")
         if len(curves) > 1:

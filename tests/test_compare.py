@@ -151,6 +151,23 @@ def test_a_failing_run_is_reported_and_the_others_still_finish(tiny_data, tmp_pa
     assert [row["group"] for row in read_csv(tmp_path / "out" / "results.csv")] == ["lenet_no_bn-norm=none"]
 
 
+@pytest.mark.slow
+def test_a_run_that_diverges_is_a_result_with_its_step_and_no_final_accuracy(tiny_data, tmp_path, capsys):
+    path = write_comparison(tmp_path, tiny_data, seeds=[0], configs=[str(CONFIGS / "lenet_no_bn.yaml")],
+                            grid={"model.optimizer.init_args.lr": [0.1, 1e6]},
+                            args={"data.data_dir": str(tiny_data), "data.batch_size": 32, "data.val_size": 40,
+                                  "trainer.max_epochs": 2, "model.net.init_args.activation": "relu"})
+    assert compare.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    rows = {row["group"]: row for row in read_csv(tmp_path / "out" / "runs.csv")}
+    trained, diverged = rows["lenet_no_bn-lr=0.1"], rows["lenet_no_bn-lr=1000000.0"]
+    assert trained["diverged_at_step"] == "" and float(trained["final_val_acc"]) > 0
+    log = (tmp_path / "out" / "lenet_no_bn-lr=1000000.0" / "seed_0" / "fit.log").read_text()
+    assert f"training diverged at step {diverged['diverged_at_step']} " in log
+    assert diverged["final_val_acc"] == diverged["test_acc"] == "nan"
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| diverged |" in table and table.count("| 1/1 |") == 1 and table.count("| 0/1 |") == 1
+
+
 def fake_slurm(folder: Path, monkeypatch) -> None:
     """A login node as far as the launcher's check goes: sbatch and srun on PATH (that fail if called)."""
     for command in ("sbatch", "srun"):
@@ -226,7 +243,7 @@ def test_on_slurm_a_failing_job_is_reported_and_a_rerun_redoes_only_it(tiny_data
         failed = out / "lenet_no_bn-norm=bogus" / f"seed_{seed}"
         assert f"lenet_no_bn-norm=bogus seed {seed} failed (job " in err and f"{failed / 'fit.log'} ends with:" in err
     assert "_0_log.out" in err and "_0_log.err" in err  # submitit's own logs of the job
-    assert "Expected a typing.Literal['none', 'scratch', 'torch']. Got value: bogus" in err
+    assert "Expected a typing.Literal['none', 'scratch', 'torch', 'noisy_bn']. Got value: bogus" in err
     assert [(row["group"], row["seeds"]) for row in read_csv(out / "results.csv")] == [("lenet_no_bn-norm=none", "2")]
     first = jobs()
     assert len(first) == 4
