@@ -1,13 +1,15 @@
 """What the observability callbacks cost: seconds per training epoch with all of them on versus all off.
 
-    python benchmarks/logging_overhead.py [--data-dir DIR] [--epochs 1] [--batches N] [--repeats 5]
+    python benchmarks/logging_overhead.py [--data-dir DIR] [--epochs 1] [--batches N] [--repeats 5] [--probes]
 
 LeNet with our BN on the real Fashion-MNIST with Dive into Deep Learning's settings (SGD lr 1.0,
 batch 256), in one process. "on" runs get the callbacks exactly as bn_lightning/defaults.yaml
 sets them; "off" runs get none; both log to TensorBoard as a run does. The two alternate
 (on, off, off, on, ...) so that drifts in machine load hit both alike, after one short warm-up fit.
 Validation is off, so an epoch is training only. Prints the median seconds per epoch of each and
-their ratio (the target is at most 1.05). Writes benchmarks/results/logging_overhead.json and .md.
+their ratio (the target is at most 1.05). ``--probes`` also times each measurement callback of
+bn_lightning/probes.py on top of them, at the interval the comparisons that use it set (its ratio is to
+"on"). Writes benchmarks/results/logging_overhead.json and .md.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from bn_lightning import probes
 from bn_lightning.data import FashionMNISTDataModule
 from bn_lightning.model import LeNet
 from bn_lightning.module import Classifier
@@ -59,6 +62,15 @@ def configured_callbacks() -> list[Callback]:
     return callbacks
 
 
+# Each probe at the interval its comparisons (configs/compare/*.yaml) use.
+PROBES = {
+    "GradientICS every 100": lambda: probes.GradientICS(100),
+    "LandscapeProbe every 100": lambda: probes.LandscapeProbe(100),
+    "RepresentationProbe every 200": lambda: probes.RepresentationProbe(200),
+    "WeightNormMonitor every 100": lambda: probes.WeightNormMonitor(100),
+}
+
+
 def epoch_seconds(data: FashionMNISTDataModule, logs: str, callbacks: list[Callback], epochs: int, batches) -> list[float]:
     seed_everything(0, verbose=False)
     timer = EpochTimer()
@@ -78,30 +90,36 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     parser.add_argument("--batches", type=int, default=None, help="batches per epoch (default: the whole epoch)")
     parser.add_argument("--repeats", type=int, default=5, help="runs with the callbacks on, and as many off")
+    parser.add_argument("--probes", action="store_true", help="also time each probe on top of the callbacks")
     args = parser.parse_args()
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*|.*LeafSpec.*|.*smaller than the logging interval.*")
     data = FashionMNISTDataModule(str(args.data_dir), batch_size=256, download=False)
     batches = 1.0 if args.batches is None else args.batches
-    seconds = {"on": [], "off": []}
+    modes = ["on", "off", *(PROBES if args.probes else [])]
+    seconds = {mode: [] for mode in modes}
     with tempfile.TemporaryDirectory() as logs:
         epoch_seconds(data, logs, configured_callbacks(), epochs=1, batches=20)  # warm-up, not counted
         for repeat in range(args.repeats):
-            for mode in ("on", "off") if repeat % 2 == 0 else ("off", "on"):
-                callbacks = configured_callbacks() if mode == "on" else []
+            for mode in modes if repeat % 2 == 0 else modes[::-1]:
+                callbacks = [] if mode == "off" else configured_callbacks()
+                if mode in PROBES:
+                    callbacks.append(PROBES[mode]())
                 seconds[mode] += epoch_seconds(data, logs, callbacks, args.epochs, batches)
-                print(f"repeat {repeat + 1}/{args.repeats}  {mode:>3}: " + ", ".join(f"{s:.2f}" for s in seconds[mode][-args.epochs:]) + " s/epoch", flush=True)
+                print(f"repeat {repeat + 1}/{args.repeats}  {mode}: " + ", ".join(f"{s:.2f}" for s in seconds[mode][-args.epochs:]) + " s/epoch", flush=True)
 
     on, off = statistics.median(seconds["on"]), statistics.median(seconds["off"])
     rows = [{"callbacks": mode, "median_seconds_per_epoch": statistics.median(seconds[mode]), "epochs": len(seconds[mode]),
-             "batches_per_epoch": args.batches or "all"} for mode in ("on", "off")]
+             "batches_per_epoch": args.batches or "all"} for mode in modes]
+    probe_rows = [[f"on + {mode} / on", f"{statistics.median(seconds[mode]) / on:.3f}", ""] for mode in modes[2:]]
     table = markdown_table(
         ["LeNet (BN scratch), SGD lr 1.0, batch 256", "median s/epoch", "epochs"],
         [[f"callbacks {row['callbacks']}", f"{row['median_seconds_per_epoch']:.3f}", row["epochs"]] for row in rows]
-        + [["**on / off**", f"**{on / off:.3f}** (target <= 1.05)", ""]],
+        + [["**on / off**", f"**{on / off:.3f}** (target <= 1.05)", ""], *probe_rows],
     )
-    path = write_results("logging_overhead", [*rows, {"ratio_on_off": on / off}], table)
+    ratios = {f"ratio_{mode}_on": statistics.median(seconds[mode]) / on for mode in modes[2:]}
+    path = write_results("logging_overhead", [*rows, {"ratio_on_off": on / off, **ratios}], table)
     print(f"\n{table}\n\nwritten to {path}")
 
 if __name__ == "__main__":
