@@ -27,12 +27,13 @@ CLASSES = FashionMNIST.classes
 DATA_ENV = "BN_LIGHTNING_DATA"  # a torchvision root holding Fashion-MNIST elsewhere than data/
 
 
-def default_data_dir() -> str:
-    """``data`` when it holds Fashion-MNIST (or nothing else says where it is: downloads go there), else
-    ``$BN_LIGHTNING_DATA``."""
-    if (Path("data") / "FashionMNIST" / "raw").is_dir() or not os.environ.get(DATA_ENV):
-        return "data"
-    return os.environ[DATA_ENV]
+def default_data_dir(root: str | Path = ".") -> str:
+    """``data`` under ``root`` (the working directory) when it holds Fashion-MNIST (or nothing else says
+    where it is: downloads go there), else ``$BN_LIGHTNING_DATA`` (a relative one taken from ``root``)."""
+    root = Path(root)
+    if (root / "data" / "FashionMNIST" / "raw").is_dir() or not os.environ.get(DATA_ENV):
+        return str(root / "data")
+    return str(root / os.environ[DATA_ENV])
 
 
 def _corrupt(path: Path, problem: str) -> CorruptDataError:

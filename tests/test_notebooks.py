@@ -1,6 +1,9 @@
-"""The notebooks are committed without outputs: what a reader sees is what their own run computed.
+"""The notebooks are committed executed, so a reader browsing notebooks/ sees their plots: outputs present,
+cells run in order, no errors, and small enough to browse.
 
-(nbmake, configured in pyproject.toml, runs every notebook as a test of its own.)"""
+(nbmake, configured in pyproject.toml, runs every notebook again as a test of its own.)"""
+
+import base64
 
 import nbformat
 import pytest
@@ -8,16 +11,29 @@ import pytest
 from helpers import REPO
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+MAX_BYTES = 1_500_000  # per notebook, images included
+MAX_IMAGE_BYTES = 250_000
 
 
 def test_there_are_notebooks():
-    assert len(NOTEBOOKS) >= 3
+    assert len(NOTEBOOKS) >= 4
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_is_committed_without_outputs(path):
+def test_notebook_is_committed_executed_in_order_without_errors_and_small(path):
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: clear outputs before committing"
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    counts = [cell.execution_count for cell in code]
+    assert counts == list(range(1, len(code) + 1)), f"{path.name}: run it top to bottom in a fresh kernel, then commit"
+    assert any(cell.outputs for cell in code), f"{path.name}: committed without outputs"
+    errors = [o for cell in code for o in cell.outputs if o.output_type == "error"]
+    assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
+    assert not any(o.get("name") == "stderr" and "Traceback" in o.get("text", "") for c in code for o in c.outputs)
+    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs), f"{path.name}: no plot"
+    for cell in code:
+        for output in cell.outputs:
+            png = output.get("data", {}).get("image/png")
+            if png:
+                assert len(base64.b64decode(png)) <= MAX_IMAGE_BYTES, f"{path.name}: an image is too large to browse"
+    assert path.stat().st_size <= MAX_BYTES, f"{path.name} is {path.stat().st_size} bytes: shrink its outputs"
