@@ -199,3 +199,18 @@ def test_the_cli_records_the_data_folder_it_used(tmp_path, monkeypatch, tiny_dat
     assert cli.datamodule.hparams.data_dir == str(tiny_data)
     saved = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
     assert saved["data"]["data_dir"] == str(tiny_data)
+
+
+def test_the_default_data_folder_is_data_when_it_holds_fashion_mnist_else_the_environments(tmp_path, monkeypatch):
+    from bn_lightning.data import DATA_ENV, default_data_dir
+
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    assert default_data_dir(tmp_path) == str(tmp_path / "data")  # nothing says where: downloads go there
+    monkeypatch.setenv(DATA_ENV, "elsewhere")
+    assert default_data_dir(tmp_path) == str(tmp_path / "elsewhere")  # relative to the root
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "abs"))
+    assert default_data_dir(tmp_path) == str(tmp_path / "abs")
+    (tmp_path / "data" / "FashionMNIST" / "raw").mkdir(parents=True)
+    assert default_data_dir(tmp_path) == str(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert default_data_dir() == "data"
