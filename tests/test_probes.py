@@ -181,7 +181,7 @@ def test_the_probes_log_to_tensorboard_and_leave_training_exactly_as_it_is_witho
     norms, effective = logged["weights/conv2/norm"], logged["weights/conv2/effective_lr"]
     assert all(e == pytest.approx(0.5 / n**2, rel=1e-5) for n, e in zip(norms, effective))
     torch.manual_seed(0)
-    assert norms[0] == pytest.approx(float(LeNet("noisy_bn").conv2.affine.weight.norm()), rel=1e-6)
+    assert norms[0] == pytest.approx(float(LeNet("noisy_bn").conv2.affine.weight.detach().norm()), rel=1e-6)
     assert all(0 < u < 1 for u in logged["weights/fc1/relative_update"])
 
 
