@@ -232,7 +232,7 @@ class RepresentationProbe(_EveryNSteps):
         return metrics
 
 
-class WeightNormMonitor(_EveryNSteps):
+class WeightNormMonitor(_OneStepProbe):
     """Per layer: ``weights/<layer>/norm`` = ||W|| of its weight, ``weights/<layer>/effective_lr`` =
     lr / ||W||^2 and ``weights/<layer>/relative_update`` = ||W' - W|| / ||W|| over the logged step.
 
@@ -244,32 +244,26 @@ class WeightNormMonitor(_EveryNSteps):
 
     def __init__(self, every_n_steps: int = 50) -> None:
         super().__init__(every_n_steps)
-        self._before: tuple[int, dict[str, Tensor]] | None = None
 
     @staticmethod
-    def weights(net: nn.Module) -> dict[str, nn.Parameter]:
+    def weights(net: nn.Module) -> dict[str, str]:
+        """Each layer's name, and the name of its weight among the net's parameters."""
         found = {}
         for child, module in net.named_children():
             layer = getattr(module, "affine", module)
             if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-                found[child] = layer.weight
+                found[child] = f"{child}.affine.weight" if layer is not module else f"{child}.weight"
         return found
 
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        step = self._take_step(trainer)
-        self._before = None if step is None else (step, {k: w.detach().clone() for k, w in self.weights(pl_module.net).items()})
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self._before is None:
-            return
-        step, before = self._before
-        self._before = None
+    def _measure(self, trainer, net, params, buffers, batch):
         lrs = {id(p): group["lr"] for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        current = dict(net.named_parameters())
         metrics = {}
-        for name, weight in self.weights(pl_module.net).items():
-            norm = float(before[name].norm())
+        for layer, name in self.weights(net).items():
+            before, weight = params[name], current[name]
+            norm = float(before.norm())
             lr = lrs.get(id(weight), 0.0)  # a frozen weight is in no group: it does not move
-            metrics[f"weights/{name}/norm"] = norm
-            metrics[f"weights/{name}/effective_lr"] = lr / max(norm**2, 1e-30)
-            metrics[f"weights/{name}/relative_update"] = float((weight.detach() - before[name]).norm()) / max(norm, 1e-30)
-        return _log_scalars(trainer, metrics, step)
+            metrics[f"weights/{layer}/norm"] = norm
+            metrics[f"weights/{layer}/effective_lr"] = lr / max(norm**2, 1e-30)
+            metrics[f"weights/{layer}/relative_update"] = float((weight.detach() - before).norm()) / max(norm, 1e-30)
+        return metrics
