@@ -7,7 +7,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -48,10 +48,12 @@ class Classifier(LightningModule):
     ``trainable`` picks the weights that train (:mod:`bn_lightning.trainable`): ``all``, only the BN
     layers' (``norm``), or as many ordinary ones chosen at random (``random``, picked with
     ``trainable_seed``, by default torch's seed); ``train_head`` adds the output layer to the last two.
+    ``lr_scheduler``, when given, is stepped once per epoch (``model.lr_scheduler`` in a config).
     """
 
     def __init__(self, net: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD, num_classes: int = 10,
-                 trainable: Trainable = "all", train_head: bool = True, trainable_seed: int | None = None) -> None:
+                 trainable: Trainable = "all", train_head: bool = True, trainable_seed: int | None = None,
+                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
         super().__init__()
         if trainable_seed is None:
             trainable_seed = torch.initial_seed()
@@ -61,7 +63,7 @@ class Classifier(LightningModule):
         self.hparams["net"] = network_hparams(net)
         self.net = net
         self.trained_weights = restrict_training(net, trainable, train_head, trainable_seed)
-        self.optimizer = optimizer
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         # Keyed "<stage>_acc" / "<stage>_loss": a bare "train" key would clash with Module.train.
         self.metrics = nn.ModuleDict()
         for stage in STAGES:
@@ -172,4 +174,6 @@ class Classifier(LightningModule):
         if self.hparams.trainable == "random" and any(group.get("weight_decay") for group in optimizer.param_groups):
             raise ValueError("trainable: random masks the gradients of the weights it leaves frozen, and weight decay "
                              "would still move them: set the optimizer's weight_decay to 0")
-        return optimizer
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "epoch"}}

@@ -189,3 +189,16 @@ def test_fit_on_a_slice_of_the_real_data_learns(tmp_path):
     logged = scalars(tmp_path / "lightning_logs" / "lenet_bn_torch" / "version_0")
     # Chance is 0.10; 60 steps of BN LeNet at lr 1.0 get well past it.
     assert logged["val/acc"][-1] > 0.5 and logged["test/acc"][-1] > 0.5
+
+
+def test_a_learning_rate_schedule_from_the_config_steps_per_epoch_and_resumes(tiny_data, tmp_path):
+    schedule = '{"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}}'
+    common = ["--config", str(REPO / "configs" / "lenet_bn_scratch.yaml"), f"--data.data_dir={tiny_data}",
+              "--data.batch_size=32", "--data.val_size=40", "--trainer.enable_progress_bar=false",
+              "--test_after_fit=false", f"--model.lr_scheduler={schedule}", "--trainer.log_every_n_steps=1"]
+    for epochs in (2, 3):  # then resumed for a third epoch
+        fit = run_cli("fit", *common, f"--trainer.max_epochs={epochs}", "--ckpt_path=last", cwd=tmp_path)
+        assert fit.returncode == 0, fit.stderr[-3000:]
+    # lr 1.0 (lenet_bn_scratch.yaml), halved after every epoch of 5 steps; LearningRateMonitor logs it per step.
+    lr = scalars(tmp_path / "lightning_logs" / "lenet_bn_scratch" / "version_0")["lr-SGD"]
+    assert lr == [1.0] * 5 + [0.5] * 5 + [0.25] * 5
