@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from bn_lightning import noisy_norm
+from bn_lightning import noisy_norm, renorm
 from bn_lightning import norm as scratch
 
 # Each norm as (layer for feature vectors, layer for feature maps).
@@ -17,11 +17,14 @@ NORMS = {
     "scratch": (scratch.BatchNorm1d, scratch.BatchNorm2d),
     "torch": (nn.BatchNorm1d, nn.BatchNorm2d),
     "noisy_bn": (noisy_norm.NoisyBatchNorm1d, noisy_norm.NoisyBatchNorm2d),
+    "batch_renorm": (renorm.BatchRenorm1d, renorm.BatchRenorm2d),
+    "group_norm": (nn.LayerNorm, nn.GroupNorm),
+    "layer_norm": (nn.LayerNorm, nn.GroupNorm),
 }
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}
 POOLS = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}
 
-Norm = Literal["none", "scratch", "torch", "noisy_bn"]
+Norm = Literal["none", "scratch", "torch", "noisy_bn", "batch_renorm", "group_norm", "layer_norm"]
 NormPosition = Literal["before", "after"]
 Activation = Literal["sigmoid", "relu"]
 Pool = Literal["avg", "max"]
@@ -45,11 +48,20 @@ class LeNet(nn.Sequential):
     Bengio's advice for the sigmoid, whose slope at 0 is 1/4). ``noise_shift`` and ``noise_scale`` set
     the noise of ``norm="noisy_bn"`` (:mod:`bn_lightning.noisy_norm`); its layers' noise seeds follow
     from torch's seed, so the weights equal those of ``norm="scratch"`` built after the same seed.
+    ``renorm_*`` set the limits and their schedule of ``norm="batch_renorm"`` (:mod:`bn_lightning.renorm`).
+
+    ``group_norm`` and ``layer_norm`` normalize each sample on its own, torch's layers: on the feature
+    maps ``nn.GroupNorm`` with ``norm_groups`` groups of channels, or one group for ``layer_norm`` (Wu &
+    He 2018: LN over (C, H, W), with per-channel gamma and beta), on the feature vectors ``nn.LayerNorm``
+    for both, as the literature has it on linear layers. Neither has running statistics: the BN
+    monitors and ``trainable`` find no BN in such a network.
     """
 
     def __init__(self, norm: Norm = "none", activation: Activation = "sigmoid", pool: Pool = "avg",
                  norm_position: NormPosition = "before", init_gain: float = 1.0,
-                 noise_shift: float = 1.0, noise_scale: float = 2.0) -> None:
+                 noise_shift: float = 1.0, noise_scale: float = 2.0,
+                 renorm_r_max: float = 3.0, renorm_d_max: float = 5.0, renorm_warmup_steps: int = 200,
+                 renorm_r_relax_steps: int = 800, renorm_d_relax_steps: int = 500, norm_groups: int = 2) -> None:
         norm_classes = _choose("norm", norm, NORMS)
         act = _choose("activation", activation, ACTIVATIONS)
         pool_cls = _choose("pool", pool, POOLS)
@@ -59,6 +71,18 @@ class LeNet(nn.Sequential):
         if norm != "noisy_bn" and (noise_shift, noise_scale) != (1.0, 2.0):
             raise ValueError(f"noise_shift and noise_scale set the noise of norm: noisy_bn; this network has "
                              f"norm: {norm}. Set norm: noisy_bn, or leave them out")
+        schedule = dict(r_max=renorm_r_max, d_max=renorm_d_max, warmup_steps=renorm_warmup_steps,
+                        r_relax_steps=renorm_r_relax_steps, d_relax_steps=renorm_d_relax_steps)
+        if norm != "batch_renorm" and tuple(schedule.values()) != (3.0, 5.0, 200, 800, 500):
+            raise ValueError(f"renorm_r_max, renorm_d_max, renorm_warmup_steps, renorm_r_relax_steps and "
+                             f"renorm_d_relax_steps set the limits of norm: batch_renorm; this network has "
+                             f"norm: {norm}. Set norm: batch_renorm, or leave them out")
+        if norm != "group_norm" and norm_groups != 2:
+            raise ValueError(f"norm_groups sets the groups of norm: group_norm; this network has norm: {norm}. "
+                             f"Set norm: group_norm, or leave it out")
+        if norm == "group_norm" and norm_groups not in (1, 2):
+            raise ValueError(f"norm_groups must divide the channels of conv1 and conv2 (6 and 16): 1 or 2, got "
+                             f"{norm_groups}")
         seed = torch.initial_seed()
 
         def make_norm(width: int, spatial: bool, index: int) -> nn.Module:
@@ -67,6 +91,10 @@ class LeNet(nn.Sequential):
             cls = norm_classes[1 if spatial else 0]
             if norm == "noisy_bn":
                 return cls(width, noise_shift=noise_shift, noise_scale=noise_scale, noise_seed=seed % 2**40 * 16 + index)
+            if norm == "batch_renorm":
+                return cls(width, **schedule)
+            if cls is nn.GroupNorm:
+                return cls(norm_groups if norm == "group_norm" else 1, width)
             return cls(width)
 
         def block(affine: nn.Module, width: int, spatial: bool, index: int) -> nn.Sequential:
@@ -93,6 +121,9 @@ class LeNet(nn.Sequential):
         )
         self.norm, self.activation, self.pool, self.norm_position = norm, activation, pool, norm_position
         self.init_gain, self.noise_shift, self.noise_scale = init_gain, noise_shift, noise_scale
+        self.renorm_r_max, self.renorm_d_max, self.renorm_warmup_steps = renorm_r_max, renorm_d_max, renorm_warmup_steps
+        self.renorm_r_relax_steps, self.renorm_d_relax_steps = renorm_r_relax_steps, renorm_d_relax_steps
+        self.norm_groups = norm_groups
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight, gain=init_gain)

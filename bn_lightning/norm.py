@@ -379,15 +379,19 @@ class _BatchNorm(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
-    def forward(self, input: Tensor) -> Tensor:
+    def _check_input(self, input: Tensor) -> None:
+        """The input's rank, then its channel count (which torch reports as a mismatch of running_mean,
+        or not at all without buffers and affine)."""
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
-            # torch reports this as a mismatch of running_mean, or not at all without buffers and affine.
             raise RuntimeError(
                 f"{type(self).__name__}({self.num_features}) got an input of shape {tuple(input.shape)}, whose "
                 f"{input.shape[1]} channels (dim 1) should be {self.num_features}: give the layer "
                 f"num_features={input.shape[1]} or check the layer that feeds it"
             )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)

@@ -5,6 +5,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bn_lightning import norm as scratch
@@ -13,7 +14,10 @@ from bn_lightning.model import LeNet
 BLOCKS = ("conv1", "conv2", "fc1", "fc2")
 
 
-@pytest.mark.parametrize("norm, activation, pool", list(itertools.product(["none", "scratch", "torch"], ["sigmoid", "relu"], ["avg", "max"])))
+NORMS = ["none", "scratch", "torch", "noisy_bn", "batch_renorm", "group_norm", "layer_norm"]
+
+
+@pytest.mark.parametrize("norm, activation, pool", list(itertools.product(NORMS, ["sigmoid", "relu"], ["avg", "max"])))
 def test_every_combination_classifies_28x28_images(norm, activation, pool):
     net = LeNet(norm, activation, pool)
     assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
@@ -80,3 +84,77 @@ def test_scratch_and_torch_bn_train_the_same_network_identically():
     fresh = LeNet("torch")
     fresh.load_state_dict(nets[0].state_dict())
     torch.testing.assert_close(fresh.eval()(x), nets[0](x))
+
+
+# Group and layer norm: torch's layers, each sample normalized on its own
+
+def group_norm_by_hand(x, groups, weight, bias, eps=1e-5):
+    """Wu & He 2018, eq. 1-3: each sample's channels in ``groups`` groups, standardized over the group's
+    channels and positions, then a per-channel gamma and beta."""
+    grouped = x.reshape(x.shape[0], groups, -1)
+    mean, var = grouped.mean(-1, keepdim=True), grouped.var(-1, correction=0, keepdim=True)
+    x_hat = ((grouped - mean) / (var + eps).sqrt()).reshape(x.shape)
+    return x_hat * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def layer_norm_by_hand(x, weight, bias, eps=1e-5):
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, correction=0, keepdim=True)
+    return (x - mean) / (var + eps).sqrt() * weight + bias
+
+
+@pytest.mark.parametrize("norm, groups", [("group_norm", 2), ("group_norm", 1), ("layer_norm", 1)])
+def test_group_and_layer_norm_place_torchs_group_norm_on_feature_maps_and_layer_norm_on_vectors(norm, groups):
+    net = LeNet(norm, norm_groups=groups) if norm == "group_norm" else LeNet(norm)
+    for name, width in (("conv1", 6), ("conv2", 16)):
+        layer = getattr(net, name).norm
+        assert type(layer) is nn.GroupNorm and (layer.num_groups, layer.num_channels, layer.affine) == (groups, width, True)
+    for name, width in (("fc1", 120), ("fc2", 84)):
+        layer = getattr(net, name).norm
+        assert type(layer) is nn.LayerNorm and layer.normalized_shape == (width,) and layer.elementwise_affine
+    # The keys of every other norm, less the running statistics they do not have.
+    assert list(net.state_dict()) == [key for key in LeNet("scratch").state_dict()
+                                      if key.rsplit(".", 1)[1] not in ("running_mean", "running_var", "num_batches_tracked")]
+
+
+@pytest.mark.parametrize("norm, groups", [("group_norm", 2), ("group_norm", 1), ("layer_norm", 1)])
+def test_group_and_layer_norm_networks_compute_the_papers_normalizations(norm, groups):
+    torch.manual_seed(0)
+    net = LeNet(norm, norm_groups=groups) if norm == "group_norm" else LeNet(norm)
+    with torch.no_grad():
+        for block in BLOCKS:
+            getattr(net, block).norm.weight.uniform_(0.5, 1.5), getattr(net, block).norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(5, 1, 28, 28)
+    h = x
+    for name in ("conv1", "conv2"):
+        b = getattr(net, name)
+        h = F.avg_pool2d(torch.sigmoid(group_norm_by_hand(b.affine(h), groups, b.norm.weight, b.norm.bias)), 2)
+    h = h.flatten(1)
+    for name in ("fc1", "fc2"):
+        b = getattr(net, name)
+        h = torch.sigmoid(layer_norm_by_hand(b.affine(h), b.norm.weight, b.norm.bias))
+    torch.testing.assert_close(net(x), net.head(h))
+
+
+@pytest.mark.parametrize("norm", ["group_norm", "layer_norm", "scratch"])
+def test_group_and_layer_norm_give_a_sample_the_same_output_in_any_batch_and_bn_does_not(norm):
+    torch.manual_seed(0)
+    net = LeNet(norm).train()
+    x, others = torch.randn(4, 1, 28, 28), torch.randn(6, 1, 28, 28) * 3 + 1
+    in_one_batch, in_another = net(x)[:1], net(torch.cat([x[:1], others]))[:1]
+    if norm == "scratch":
+        assert not torch.allclose(in_one_batch, in_another, atol=1e-3)
+    else:
+        torch.testing.assert_close(in_one_batch, in_another)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"norm": "group_norm", "norm_groups": 3}, r"norm_groups must divide the channels of conv1 and conv2 \(6 and 16\): "
+                                               r"1 or 2, got 3"),
+    ({"norm": "group_norm", "norm_groups": 4}, r"must divide the channels .* got 4"),
+    ({"norm": "group_norm", "norm_groups": 0}, r"must divide the channels .* got 0"),
+    ({"norm": "layer_norm", "norm_groups": 1}, r"norm_groups sets the groups of norm: group_norm; this network has "
+                                               r"norm: layer_norm"),
+])
+def test_a_bad_group_count_says_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LeNet(**kwargs)

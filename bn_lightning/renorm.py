@@ -1,0 +1,187 @@
+"""Batch Renormalization from scratch (Ioffe 2017, Algorithm 1): BN whose training output is its eval output,
+as far as the batch statistics allow.
+
+BN trains on each batch's mean and std and evaluates on their moving averages, so a small or
+unrepresentative batch trains the network on numbers it will not see in eval. Batch Renorm corrects
+the batch statistics toward the moving ones, within limits::
+
+    sigma_B = sqrt(var_B + eps),  sigma = sqrt(running_var + eps)
+    r = clip(sigma_B / sigma, 1 / r_max, r_max),  d = clip((mu_B - running_mean) / sigma, -d_max, d_max)
+    x_hat = (x - mu_B) / sigma_B * r + d,  y = gamma * x_hat + beta
+
+with r and d constants to the backward. Unclipped, x_hat = (x - running_mean) / sigma, eval's
+normalization; with r_max = 1 and d_max = 0 it is plain BN. r and d come from the running statistics
+as they stand before this step updates them; the update and eval are our BN's (:mod:`bn_lightning.norm`,
+momentum=None included), and so are the constructor, buffers and state_dict.
+
+The paper keeps a moving average of sigma_B itself; we keep BN's moving unbiased variance and take
+sigma = sqrt(running_var + eps), so that the layer is a BN to checkpoints and monitors. The two differ
+by the unbiasing factor M / (M - 1) (M values per channel: 256 in LeNet's fc layers, far more in its conv
+layers) and by averaging a variance rather than a std, which gives a slightly larger sigma (Jensen).
+
+The limits are relaxed as in the paper's experiments: plain BN for ``warmup_steps`` steps, then r_max and
+d_max grow linearly to their final values over ``r_relax_steps`` and ``d_relax_steps`` steps. The step is
+``num_batches_tracked``, so a run resumed from a checkpoint continues the schedule. The paper's 5k
+steps of BN, r_max 3 by 40k and d_max 5 by 25k exceed our whole run (10 epochs of 215 steps at batch
+256), which would stay plain BN throughout. The defaults keep its final limits and its order (d before
+r) on our scale: BN for about the first epoch, while lr 1.0 moves the weights fastest and the running
+estimates (with momentum 0.1 an average of the last ~10 batches) trail the batch's most; both limits
+reached by step 1,000, so the second half of training runs fully renormalized.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bn_lightning.norm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    _BatchNorm,
+    _channel_sum,
+    _channel_sum_of_squares,
+    _channel_view,
+    _scale_shift,
+    _stats_dtype,
+    _values_per_channel,
+)
+
+__all__ = ["BatchRenorm1d", "BatchRenorm2d"]
+
+
+def _forward(x, weight, bias, running_mean, running_var, r_max, d_max, momentum, eps):
+    """The training forward, as :func:`bn_lightning.norm._forward` takes it: the output, and the per-channel
+    mean, invstd (``1 / sigma_B``), r, d and scale (``gamma * r / sigma_B``) the backward needs."""
+    ndim, count = x.dim(), _values_per_channel(x)
+    xs = x.to(_stats_dtype(x))
+    r_max, d_max = r_max.to(xs.dtype), d_max.to(xs.dtype)
+    mean = _channel_sum(xs).div_(count)
+    out = xs - _channel_view(mean, ndim)
+    sum_of_squares = _channel_sum_of_squares(out)
+    invstd = sum_of_squares.div(count).add_(eps).rsqrt_()
+    running_invstd = running_var.to(xs.dtype).add(eps).rsqrt_()  # 1 / sigma
+    r = torch.clamp(running_invstd / invstd, 1 / r_max, r_max)
+    d = torch.clamp((mean - running_mean.to(xs.dtype)) * running_invstd, -d_max, d_max)
+    # Only now, r and d taken: BN's update, term for term.
+    running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+    running_var.mul_(1 - momentum).add_(sum_of_squares, alpha=momentum / (count - 1))
+    scale, shift = invstd * r, d
+    if weight is not None:
+        scale, shift = scale * weight, shift * weight
+    if bias is not None:
+        shift = shift + bias
+    out = _scale_shift(out, scale, shift, out=out)
+    return out.to(x.dtype), mean, invstd, r, d, scale
+
+
+class _BatchRenormFunction(torch.autograd.Function):
+    """Batch Renorm in training, with the backward written out and r, d held constant (Ioffe 2017, section 3)::
+
+        dx = (gamma * r / sigma_B) * (dy - mean(dy) - x_hatB * mean(dy * x_hatB)),  x_hatB = (x - mu_B) / sigma_B
+        dgamma = sum(dy * x_hat),  dbeta = sum(dy)
+
+    That is BN's backward (:class:`bn_lightning.norm._BatchNormFunction`) with gamma * r in gamma's place,
+    computed the same way, without its process-group path.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, r_max, d_max, momentum, eps):
+        out, mean, invstd, r, d, scale = _forward(
+            x, weight, bias, running_mean, running_var, r_max, d_max, momentum, eps
+        )
+        ctx.save_for_backward(x, mean, invstd, r, d, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean, invstd, r, d, scale = ctx.saved_tensors
+        ndim, count = x.dim(), _values_per_channel(x)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dy, xs = grad_out.to(mean.dtype), x.to(mean.dtype)
+        # sum(dy) and sum(dy * (x - mean)) per channel, the latter in the buffer that becomes grad_x.
+        sum_dy = _channel_sum(dy)
+        buffer = torch.sub(xs, _channel_view(mean, ndim)).mul_(dy)
+        sum_dy_xmu = _channel_sum(buffer)
+        grad_w = torch.addcmul(d * sum_dy, sum_dy_xmu, invstd * r) if need_w else None  # sum(dy * x_hat)
+        grad_b = sum_dy if need_b else None
+        grad_x = None
+        if need_x:
+            # dx = scale * dy + coef * x + offset, with per-channel coef and offset:
+            # coef = -scale * a / count, offset = -scale * (sum_dy - a * mean) / count.
+            a = sum_dy_xmu * invstd * invstd
+            per_value = scale * (-1 / count)
+            offset = torch.addcmul(sum_dy, a, mean, value=-1).mul_(per_value)
+            grad_x = _scale_shift(xs, a.mul_(per_value), offset, out=buffer)
+            grad_x = grad_x.addcmul_(_channel_view(scale, ndim), dy).to(x.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _BatchRenorm(_BatchNorm):
+    def __init__(self, num_features: int, *args, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 200,
+                 r_relax_steps: int = 800, d_relax_steps: int = 500, **kwargs) -> None:
+        if not r_max >= 1:
+            raise ValueError(f"r_max must be >= 1, the largest factor (and 1 / it the smallest) by which r corrects "
+                             f"the batch's std; 1 is plain BN: got {r_max}")
+        if not d_max >= 0:
+            raise ValueError(f"d_max must be >= 0, the largest shift, in running stds, by which d corrects the "
+                             f"batch's mean; 0 is plain BN: got {d_max}")
+        for name, steps in (("warmup_steps", warmup_steps), ("r_relax_steps", r_relax_steps),
+                            ("d_relax_steps", d_relax_steps)):
+            if not steps >= 0:
+                raise ValueError(f"{name} must be a number of steps, >= 0: got {steps}")
+        super().__init__(num_features, *args, **kwargs)
+        if not self.track_running_stats:
+            raise ValueError("Batch Renorm corrects the batch statistics toward the running ones: it needs "
+                             "track_running_stats=True")
+        self.r_max, self.d_max = r_max, d_max
+        self.warmup_steps, self.r_relax_steps, self.d_relax_steps = warmup_steps, r_relax_steps, d_relax_steps
+
+    # A property, so that BatchNormSync (and Trainer(sync_batchnorm=True) under DDP) cannot switch it on unnoticed.
+    @property
+    def sync(self) -> bool:
+        return False
+
+    @sync.setter
+    def sync(self, value: bool) -> None:
+        if value:
+            raise ValueError(f"{type(self).__name__} takes each process's own batch statistics: it cannot synchronize "
+                             f"them across processes (sync, trainer.sync_batchnorm)")
+
+    def limits(self) -> tuple[Tensor, Tensor]:
+        """(r_max, d_max) of the next training step, from the steps taken so far (``num_batches_tracked``)."""
+        return 1 + (self.r_max - 1) * self._relaxed(self.r_relax_steps), self.d_max * self._relaxed(self.d_relax_steps)
+
+    def _relaxed(self, relax_steps: int) -> Tensor:
+        """How far a limit has gone from plain BN's value to its final one: 0 until ``warmup_steps``, then
+        linearly to 1 over ``relax_steps`` (at once for 0). A tensor: no device sync."""
+        steps = self.num_batches_tracked.double() - self.warmup_steps
+        return (steps / relax_steps).clamp(0, 1) if relax_steps else (steps >= 0).double()
+
+    def forward(self, input: Tensor) -> Tensor:
+        # Eval normalizes with the moving statistics, as BN; an empty batch has none to renormalize.
+        if not self.training or input.numel() == 0:
+            return super().forward(input)
+        self._check_input(input)
+        if _values_per_channel(input) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        r_max, d_max = self.limits()
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        args = (input, self.weight, self.bias, self.running_mean, self.running_var, r_max, d_max, momentum, self.eps)
+        if torch.is_autocast_enabled(input.device.type):
+            # As in norm.py: the statistics stay in float32.
+            with torch.autocast(input.device.type, enabled=False):
+                return _BatchRenormFunction.apply(*args)
+        return _BatchRenormFunction.apply(*args)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
+                f"r_relax_steps={self.r_relax_steps}, d_relax_steps={self.d_relax_steps}")
+
+
+class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
+    """Batch Renorm over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input."""
+
+
+class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
+    """Batch Renorm over a 4D ``(N, C, H, W)`` input."""
