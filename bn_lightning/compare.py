@@ -156,9 +156,10 @@ def fit_command(run: Run, comparison: Comparison, out: Path) -> list[str]:
         "trainer.logger.init_args.version": f"seed_{run.seed}",
         "trainer.enable_progress_bar": False,
     }
-    # A list or mapping (callbacks to add: "trainer.callbacks+") goes as JSON, which jsonargparse reads.
+    # A list or mapping (callbacks to add: "trainer.callbacks+") goes as JSON, which jsonargparse reads; so does
+    # None (YAML's null, e.g. bn_momentum), which it would read as the string "None".
     return [sys.executable, "-m", "bn_lightning", "fit", "--config", str(run.config),
-            *(f"--{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"
+            *(f"--{key}={json.dumps(value) if value is None or isinstance(value, (list, dict)) else value}"
               for key, value in options.items())]
 
 

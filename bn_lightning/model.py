@@ -48,6 +48,7 @@ class LeNet(nn.Sequential):
     Bengio's advice for the sigmoid, whose slope at 0 is 1/4). ``noise_shift`` and ``noise_scale`` set
     the noise of ``norm="noisy_bn"`` (:mod:`bn_lightning.noisy_norm`); its layers' noise seeds follow
     from torch's seed, so the weights equal those of ``norm="scratch"`` built after the same seed.
+    ``bn_momentum`` is every BN layer's ``momentum`` (None: the cumulative average of all batches).
     ``renorm_*`` set the limits and their schedule of ``norm="batch_renorm"`` (:mod:`bn_lightning.renorm`).
 
     ``group_norm`` and ``layer_norm`` normalize each sample on its own, torch's layers: on the feature
@@ -61,7 +62,8 @@ class LeNet(nn.Sequential):
                  norm_position: NormPosition = "before", init_gain: float = 1.0,
                  noise_shift: float = 1.0, noise_scale: float = 2.0,
                  renorm_r_max: float = 3.0, renorm_d_max: float = 5.0, renorm_warmup_steps: int = 200,
-                 renorm_r_relax_steps: int = 800, renorm_d_relax_steps: int = 500, norm_groups: int = 2) -> None:
+                 renorm_r_relax_steps: int = 800, renorm_d_relax_steps: int = 500, norm_groups: int = 2,
+                 bn_momentum: float | None = 0.1) -> None:
         norm_classes = _choose("norm", norm, NORMS)
         act = _choose("activation", activation, ACTIVATIONS)
         pool_cls = _choose("pool", pool, POOLS)
@@ -83,6 +85,10 @@ class LeNet(nn.Sequential):
         if norm == "group_norm" and norm_groups not in (1, 2):
             raise ValueError(f"norm_groups must divide the channels of conv1 and conv2 (6 and 16): 1 or 2, got "
                              f"{norm_groups}")
+        batch_norms = ("scratch", "torch", "noisy_bn", "batch_renorm")
+        if norm not in batch_norms and bn_momentum != 0.1:
+            raise ValueError(f"bn_momentum sets the running statistics of a batch norm ({', '.join(batch_norms)}); "
+                             f"this network has norm: {norm}. Set one of those, or leave it out")
         seed = torch.initial_seed()
 
         def make_norm(width: int, spatial: bool, index: int) -> nn.Module:
@@ -90,9 +96,12 @@ class LeNet(nn.Sequential):
                 return nn.Identity()
             cls = norm_classes[1 if spatial else 0]
             if norm == "noisy_bn":
-                return cls(width, noise_shift=noise_shift, noise_scale=noise_scale, noise_seed=seed % 2**40 * 16 + index)
+                return cls(width, momentum=bn_momentum, noise_shift=noise_shift, noise_scale=noise_scale,
+                           noise_seed=seed % 2**40 * 16 + index)
             if norm == "batch_renorm":
-                return cls(width, **schedule)
+                return cls(width, momentum=bn_momentum, **schedule)
+            if norm in batch_norms:
+                return cls(width, momentum=bn_momentum)
             if cls is nn.GroupNorm:
                 return cls(norm_groups if norm == "group_norm" else 1, width)
             return cls(width)
@@ -123,7 +132,7 @@ class LeNet(nn.Sequential):
         self.init_gain, self.noise_shift, self.noise_scale = init_gain, noise_shift, noise_scale
         self.renorm_r_max, self.renorm_d_max, self.renorm_warmup_steps = renorm_r_max, renorm_d_max, renorm_warmup_steps
         self.renorm_r_relax_steps, self.renorm_d_relax_steps = renorm_r_relax_steps, renorm_d_relax_steps
-        self.norm_groups = norm_groups
+        self.norm_groups, self.bn_momentum = norm_groups, bn_momentum
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight, gain=init_gain)

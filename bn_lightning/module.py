@@ -28,10 +28,12 @@ torch.serialization.add_safe_globals(
 
 def network_hparams(net: nn.Module) -> dict:
     """The network as LightningCLI's config writes it: its class path, and the constructor arguments it
-    keeps as attributes of the same name with a plain value (LeNet's norm, activation and pool)."""
+    keeps as attributes of the same name with a plain value or None (LeNet's norm, activation and pool)."""
     cls = type(net)
-    values = {name: getattr(net, name, None) for name in inspect.signature(cls).parameters}
-    init_args = {name: value for name, value in values.items() if isinstance(value, (str, int, float, bool))}
+    missing = object()
+    values = {name: getattr(net, name, missing) for name in inspect.signature(cls).parameters}
+    init_args = {name: value for name, value in values.items()
+                 if value is None or isinstance(value, (str, int, float, bool))}
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
 
 

@@ -64,7 +64,8 @@ def test_d2l_configs_follow_the_book(capsys):
         assert config["model"]["net"]["init_args"] == {
             "norm": norm, "activation": "sigmoid", "pool": "avg", "norm_position": "before", "init_gain": 1.0,
             "noise_shift": 1.0, "noise_scale": 2.0, "renorm_r_max": 3.0, "renorm_d_max": 5.0, "renorm_warmup_steps": 200,
-            "renorm_r_relax_steps": 800, "renorm_d_relax_steps": 500, "norm_groups": 2}
+            "renorm_r_relax_steps": 800, "renorm_d_relax_steps": 500, "norm_groups": 2,
+            "bn_momentum": 0.1}
         assert config["model"]["optimizer"]["class_path"] == "torch.optim.SGD"
         assert config["model"]["optimizer"]["init_args"]["lr"] == lr
         assert config["model"]["optimizer"]["init_args"]["momentum"] == 0

@@ -14,6 +14,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bn_lightning import compare
+from bn_lightning.cli import main
 from helpers import CONFIGS, SHARED_DATA, needs_real_data
 
 
@@ -68,6 +69,18 @@ def test_matrix_runs_every_config_grid_point_and_seed(tmp_path):
     assert {"--model.optimizer.init_args.lr=0.1", "--seed_everything=0", "--trainer.logger.init_args.version=seed_0",
             f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}", "--trainer.logger.init_args.name=lenet_no_bn-lr=0.1",
             "--trainer.max_epochs=2"} <= set(command)
+
+
+def test_a_null_in_the_grid_reaches_the_run_as_none(tmp_path, capsys):
+    path = write_comparison(tmp_path, tmp_path, configs=[str(CONFIGS / "lenet_bn_scratch.yaml")],
+                            grid={"model.net.init_args.bn_momentum": [0.1, None]})
+    comparison = compare.Comparison.load(path, {})
+    command = compare.fit_command(comparison.runs()[-1], comparison, tmp_path / "out")
+    assert "--model.net.init_args.bn_momentum=null" in command
+    with pytest.raises(SystemExit) as done:
+        main(command[3:] + ["--print_config"])
+    assert done.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["net"]["init_args"]["bn_momentum"] is None
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -158,3 +158,23 @@ def test_group_and_layer_norm_give_a_sample_the_same_output_in_any_batch_and_bn_
 def test_a_bad_group_count_says_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LeNet(**kwargs)
+
+
+@pytest.mark.parametrize("norm", ["scratch", "torch", "noisy_bn", "batch_renorm"])
+@pytest.mark.parametrize("momentum", [0.01, None])
+def test_bn_momentum_sets_every_batch_norms_running_average(norm, momentum):
+    torch.manual_seed(0)
+    net = LeNet(norm, bn_momentum=momentum)
+    layers = [getattr(net, block).norm for block in ("conv1", "conv2", "fc1", "fc2")]
+    assert [layer.momentum for layer in layers] == [momentum] * 4
+    # One training batch moves fc1's running mean from 0 by momentum times the batch mean (all of it for None).
+    captured = []
+    net.fc1.norm.register_forward_pre_hook(lambda module, inputs: captured.append(inputs[0].detach().mean(0)))
+    net(torch.randn(16, 1, 28, 28))
+    expected = captured[0] * (1.0 if momentum is None else momentum)
+    torch.testing.assert_close(net.fc1.norm.running_mean, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_bn_momentum_without_a_batch_norm_says_what_is_wrong():
+    with pytest.raises(ValueError, match="bn_momentum sets the running statistics"):
+        LeNet("group_norm", bn_momentum=None)

@@ -52,7 +52,7 @@ def test_hyperparameters_describe_the_network_without_holding_it():
                                                "noise_shift": 1.0, "noise_scale": 2.0, "renorm_r_max": 3.0,
                                                "renorm_d_max": 5.0, "renorm_warmup_steps": 200,
                                                "renorm_r_relax_steps": 800, "renorm_d_relax_steps": 500,
-                                               "norm_groups": 2}}
+                                               "norm_groups": 2, "bn_momentum": 0.1}}
 
 
 def test_a_checkpoint_of_a_cli_run_loads_on_its_own(tiny_data, tmp_path):
