@@ -222,7 +222,9 @@ class BatchNormMonitor(_LayerMonitor):
 
     Scalars per layer: ``bn/<block>/running_mean/ch<i>`` and ``bn/<block>/running_var/ch<i>``
     (as they stand after the step), ``bn/<block>/mean_gap`` = mean over channels of
-    ``|batch mean - running mean|`` and ``bn/<block>/var_ratio`` = mean over channels of
+    ``|batch mean - running mean|``, ``bn/<block>/mean_gap_std`` = the same gap in running stds,
+    ``|batch mean - running mean| / sqrt(running var + eps)`` (what the gap does to a normalized value,
+    comparable across layers and batch sizes), and ``bn/<block>/var_ratio`` = mean over channels of
     ``batch var / running var``. The batch statistics are those of the layer's input (the
     variance unbiased, like ``running_var``); the running ones are taken before this batch
     updates them: the estimates evaluation would have used. Histograms per layer:
@@ -269,8 +271,10 @@ class BatchNormMonitor(_LayerMonitor):
             x = inputs[0]
             with torch.no_grad():
                 var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=1)
+                gap = (mean - layer.running_mean).abs()
                 self._observed[name] = (
-                    (mean - layer.running_mean).abs().mean(),
+                    gap.mean(),
+                    (gap * (layer.running_var + layer.eps).rsqrt()).mean(),
                     (var / layer.running_var).mean(),
                 )
 
@@ -285,8 +289,8 @@ class BatchNormMonitor(_LayerMonitor):
                     values = getattr(layer, stat)[channels].tolist()
                     metrics.update({f"bn/{name}/{stat}/{label}": v for label, v in zip(labels, values)})
                 if name in self._observed:  # a layer the forward did not call has no batch statistics
-                    mean_gap, var_ratio = self._observed[name]
-                    metrics[f"bn/{name}/mean_gap"], metrics[f"bn/{name}/var_ratio"] = mean_gap.item(), var_ratio.item()
+                    for stat, value in zip(("mean_gap", "mean_gap_std", "var_ratio"), self._observed[name]):
+                        metrics[f"bn/{name}/{stat}"] = value.item()
             _log_scalars(trainer, metrics, step)
         if not self._histograms_now:
             return
@@ -313,6 +317,8 @@ class BatchNormMonitor(_LayerMonitor):
         } | {
             "BN batch vs running statistics": {
                 "mean |batch mean - running mean|": ["Multiline", [_exact(f"bn/{n}/mean_gap") for n in tracked]],
+                "mean |batch mean - running mean| / running std": [
+                    "Multiline", [_exact(f"bn/{n}/mean_gap_std") for n in tracked]],
                 "mean batch var / running var": ["Multiline", [_exact(f"bn/{n}/var_ratio") for n in tracked]],
             }
         }

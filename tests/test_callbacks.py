@@ -161,7 +161,7 @@ def test_tags_for_runs_with_and_without_batch_norm(tiny_data, tmp_path, norm):
                 "fc2": [f"ch{c:02d}" for c in (0, 12, 24, 36, 47, 59, 71, 83)]}
     assert bn_scalars == (
         {f"bn/{b}/{stat}/{ch}" for b in BLOCKS for stat in ("running_mean", "running_var") for ch in channels[b]}
-        | {f"bn/{b}/{gap}" for b in BLOCKS for gap in ("mean_gap", "var_ratio")}
+        | {f"bn/{b}/{gap}" for b in BLOCKS for gap in ("mean_gap", "mean_gap_std", "var_ratio")}
     )
     assert bn_histograms == {f"bn/{b}/{h}" for b in BLOCKS for h in ("running_mean", "running_var", "gamma", "beta")}
     assert all(values(events, tag).keys() == {0, 2, 4} for tag in bn_scalars)
@@ -191,7 +191,9 @@ def test_logged_numbers_equal_the_references(tiny_data, tmp_path, norm, momentum
             running_mean, running_var = record.running[step, "bn", block]
             var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=1)
             gap, ratio = (mean - running_mean).abs().mean().item(), (var / running_var).mean().item()
+            gap_std = ((mean - running_mean).abs() / (running_var + 1e-5).sqrt()).mean().item()
             assert values(events, f"bn/{block}/mean_gap")[step] == pytest.approx(gap, rel=1e-5)
+            assert values(events, f"bn/{block}/mean_gap_std")[step] == pytest.approx(gap_std, rel=1e-5)
             assert values(events, f"bn/{block}/var_ratio")[step] == pytest.approx(ratio, rel=1e-5)
     # The last step (2) was a logging one: what it logged is the layers' final state.
     conv2 = model.net.conv2.norm

@@ -110,7 +110,7 @@ def test_scalar_and_histogram_tags_are_served_for_runs_with_and_without_bn(tenso
     }
     first_channel = {"conv1": "ch0", "conv2": "ch00", "fc1": "ch000", "fc2": "ch00"}  # zero-padded to the layer's width
     bn = {f"bn/{b}/{t}" for b in BLOCKS
-          for t in ("mean_gap", "var_ratio", f"running_mean/{first_channel[b]}", f"running_var/{first_channel[b]}")}
+          for t in ("mean_gap", "mean_gap_std", "var_ratio", f"running_mean/{first_channel[b]}", f"running_var/{first_channel[b]}")}
     for run in RUNS:
         assert common <= set(scalars[run]), run
         assert {f"act/{b}" for b in BLOCKS} <= set(histograms[run]), run
