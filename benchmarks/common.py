@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -80,3 +81,25 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def add_blog_arguments(parser, out: Path) -> None:
+    """The options the blog's benchmarks (blog_memory.py, blog_accuracy.py) share."""
+    parser.add_argument("--train-steps", type=int, default=None, help="training steps per epoch (default: all 3750)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-dir", default=None, help="torchvision root (default: bn_lightning.data.default_data_dir())")
+    parser.add_argument("--out", type=Path, default=out)
+
+
+def write_run_results(out: Path, name: str, rows: list[dict], args, summary: dict, markdown: str) -> None:
+    """``<name>.csv`` (one row per measurement), ``<name>.json`` (environment, options, summary) and
+    ``<name>.md`` into ``out``, a results/ folder of the repository."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{name}.json").write_text(json.dumps(
+        {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()}, **summary}, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown + "\n")
+    print("written", out / f"{name}.md")
