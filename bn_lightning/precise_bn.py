@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from bn_lightning.norm import BATCH_NORMS, _reduce_dims
@@ -105,8 +106,10 @@ def update_bn_stats(model: nn.Module, batches: Iterable, num_batches: int | None
 
 class PreciseBN(Callback):
     """After validation at every ``every_n_epochs``-th epoch, evaluate the validation set with the moving
-    averages and with precise statistics from each of ``num_images`` training images, and log
-    ``precise_bn/val_acc_ema`` and ``precise_bn/val_acc_<n>`` (epoch-level, at the global step).
+    averages, with precise statistics from each of ``num_images`` training images, and with each validation
+    batch's own statistics (BN in training mode, as if evaluated like the blog post did), and log
+    ``precise_bn/val_acc_ema``, ``precise_bn/val_acc_<n>`` and ``precise_bn/val_acc_batch`` (epoch-level, at
+    the global step). A network without BN layers gets none of them.
 
     The precise statistics go into a copy of the network: training goes on with its own moving averages.
     The images are the first ``n`` of one fixed random order of the datamodule's ``train_set`` (the same for
@@ -122,13 +125,20 @@ class PreciseBN(Callback):
             raise ValueError(f"every_n_epochs must be a positive number of epochs, got {every_n_epochs}")
         self.num_images, self.every_n_epochs, self.seed = sorted(num_images), every_n_epochs, seed
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.active = bool(batch_norm_layers(pl_module.net))
+        if not self.active:
+            rank_zero_info("PreciseBN: the network has no batch-norm layer with running statistics; it logs nothing")
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if not self.active or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         datamodule = trainer.datamodule
         order = torch.randperm(len(datamodule.train_set), generator=torch.Generator().manual_seed(self.seed))
         val = datamodule.val_dataloader()
         pl_module.log("precise_bn/val_acc_ema", _accuracy(pl_module.net, val, pl_module.device))
+        pl_module.log("precise_bn/val_acc_batch", _accuracy(copy.deepcopy(pl_module.net), val, pl_module.device,
+                                                             batch_statistics=True))
         for n in self.num_images:
             net = copy.deepcopy(pl_module.net)
             chunks = order[:n].split(datamodule.hparams.batch_size)
@@ -137,10 +147,11 @@ class PreciseBN(Callback):
 
 
 @torch.no_grad()
-def _accuracy(net: nn.Module, batches: Iterable, device: torch.device) -> float:
-    """Accuracy of ``net`` in eval mode over ``(images, labels)`` batches; its mode is restored."""
+def _accuracy(net: nn.Module, batches: Iterable, device: torch.device, batch_statistics: bool = False) -> float:
+    """Accuracy of ``net`` over ``(images, labels)`` batches, in eval mode, or in training mode with
+    ``batch_statistics`` (which updates its running statistics: give it a copy); its mode is restored."""
     was_training = net.training
-    net.eval()
+    net.train(batch_statistics)
     correct = seen = 0
     try:
         for images, labels in batches:

@@ -161,3 +161,18 @@ def test_the_callback_logs_the_accuracy_with_the_moving_averages_and_with_precis
     correct = sum(int((precise.eval()(x).argmax(1) == y).sum()) for x, y in datamodule.val_dataloader())
     assert logged["precise_bn/val_acc_10000"][-1] == pytest.approx(correct / 40, abs=1e-6)
     assert all(torch.equal(ema[k], v) for k, v in module.net.state_dict().items())
+    # Evaluated with each validation batch's own statistics (training mode), the final weights score:
+    with torch.no_grad():
+        batch_mode = copy.deepcopy(module.net).train()
+        correct = sum(int((batch_mode(x).argmax(1) == y).sum()) for x, y in datamodule.val_dataloader())
+    assert logged["precise_bn/val_acc_batch"][-1] == pytest.approx(correct / 40, abs=1e-6)
+
+
+def test_the_callback_logs_nothing_for_a_network_without_batch_norm(tiny_data, tmp_path):
+    seed_everything(0)
+    module = Classifier(LeNet("group_norm"), optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    trainer = Trainer(max_epochs=1, logger=TensorBoardLogger(tmp_path), callbacks=[PreciseBN(num_images=[64])],
+                      enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=1)
+    trainer.fit(module, FashionMNISTDataModule(str(tiny_data), batch_size=32, val_size=40))
+    logged = scalars(trainer.logger.log_dir)
+    assert "val/acc" in logged and not any(tag.startswith("precise_bn/") for tag in logged)
