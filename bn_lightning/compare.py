@@ -4,7 +4,8 @@
     python -m bn_lightning.compare configs/compare/d2l.yaml --launcher slurm [--partition gpu --gpus-per-node 1]
 
 A comparison file names the configs, the seeds, optional ``grid`` axes (a CLI option and its
-values), ``args`` for every run, the val-accuracy ``threshold`` to report, optional ``series`` (tag
+values; or options joined by commas and a list of values for each, which change together, e.g.
+``data.batch_size,model.optimizer.init_args.lr: [[16, 0.0625], [256, 1.0]]``), ``args`` for every run, the val-accuracy ``threshold`` to report, optional ``series`` (tag
 patterns, e.g. ``ics/*``, whose every logged value goes into ``series.csv``) and optional ``slurm``
 settings. Each run is one ``python -m bn_lightning fit`` process logging to ``<out>/<group>/seed_<s>/``,
 where ``out`` is ``lightning_logs/compare/<name>`` and a group is a config with its grid values.
@@ -110,6 +111,11 @@ class Comparison:
         grid = spec.get("grid") or {}
         if empty := [key for key, values in grid.items() if not isinstance(values, list) or not values]:
             raise ValueError(f"{path}: grid axis/axes {empty} must each list at least one value")
+        for key, values in grid.items():
+            width = len(key.split(","))
+            if width > 1 and any(not isinstance(v, list) or len(v) != width for v in values):
+                raise ValueError(f"{path}: grid axis {key!r} sets {width} options together: each of its values must "
+                                 f"list {width} values, one per option, got {values}")
         return cls(
             name=path.stem,
             configs=configs,
@@ -124,7 +130,9 @@ class Comparison:
 
     def runs(self) -> list[Run]:
         """Every config x grid point x seed, seeds innermost so a group's seeds finish together."""
-        points = [tuple(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
+        axes = [[tuple(zip(key.split(","), value if "," in key else [value])) for value in values]
+                for key, values in self.grid.items()]
+        points = [tuple(pair for part in combination for pair in part) for combination in itertools.product(*axes)]
         return [Run(config, point, seed) for config in self.configs for point in points for seed in self.seeds]
 
 

@@ -71,6 +71,20 @@ def test_matrix_runs_every_config_grid_point_and_seed(tmp_path):
             "--trainer.max_epochs=2"} <= set(command)
 
 
+def test_a_joint_grid_axis_changes_its_options_together(tmp_path):
+    path = write_comparison(tmp_path, tmp_path, grid={"data.batch_size,model.optimizer.init_args.lr": [[16, 0.0625], [256, 1.0]],
+                                                      "model.net.init_args.activation": ["sigmoid", "relu"]})
+    comparison = compare.Comparison.load(path, {})
+    runs = [run for run in comparison.runs() if run.seed == 0 and run.config.stem == "lenet_no_bn"]
+    assert [run.group for run in runs] == [f"lenet_no_bn-batch_size={b}-lr={lr}-activation={a}"
+                                           for b, lr in ((16, 0.0625), (256, 1.0)) for a in ("sigmoid", "relu")]
+    command = compare.fit_command(runs[0], comparison, tmp_path / "out")
+    assert {"--data.batch_size=16", "--model.optimizer.init_args.lr=0.0625"} <= set(command)
+    path = write_comparison(tmp_path, tmp_path, grid={"data.batch_size,model.optimizer.init_args.lr": [[16, 0.0625], [256]]})
+    with pytest.raises(ValueError, match="sets 2 options together: each of its values must list 2 values"):
+        compare.Comparison.load(path, {})
+
+
 def test_a_null_in_the_grid_reaches_the_run_as_none(tmp_path, capsys):
     path = write_comparison(tmp_path, tmp_path, configs=[str(CONFIGS / "lenet_bn_scratch.yaml")],
                             grid={"model.net.init_args.bn_momentum": [0.1, None]})
