@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from typing import Literal
 
@@ -70,23 +71,30 @@ class LeNet(nn.Sequential):
         _choose("norm_position", norm_position, {"before": None, "after": None})
         if not init_gain > 0:
             raise ValueError(f"init_gain must be positive, it scales the Xavier-uniform weights: got {init_gain}")
-        if norm != "noisy_bn" and (noise_shift, noise_scale) != (1.0, 2.0):
+        # Options of one kind of norm, set away from their defaults with another: an error, not ignored.
+        defaults = {name: p.default for name, p in inspect.signature(LeNet.__init__).parameters.items()}
+        given = locals()
+
+        def changed(*names: str) -> bool:
+            return any(given[name] != defaults[name] for name in names)
+
+        if norm != "noisy_bn" and changed("noise_shift", "noise_scale"):
             raise ValueError(f"noise_shift and noise_scale set the noise of norm: noisy_bn; this network has "
                              f"norm: {norm}. Set norm: noisy_bn, or leave them out")
         schedule = dict(r_max=renorm_r_max, d_max=renorm_d_max, warmup_steps=renorm_warmup_steps,
                         r_relax_steps=renorm_r_relax_steps, d_relax_steps=renorm_d_relax_steps)
-        if norm != "batch_renorm" and tuple(schedule.values()) != (3.0, 5.0, 200, 800, 500):
+        if norm != "batch_renorm" and changed(*(f"renorm_{name}" for name in schedule)):
             raise ValueError(f"renorm_r_max, renorm_d_max, renorm_warmup_steps, renorm_r_relax_steps and "
                              f"renorm_d_relax_steps set the limits of norm: batch_renorm; this network has "
                              f"norm: {norm}. Set norm: batch_renorm, or leave them out")
-        if norm != "group_norm" and norm_groups != 2:
+        if norm != "group_norm" and changed("norm_groups"):
             raise ValueError(f"norm_groups sets the groups of norm: group_norm; this network has norm: {norm}. "
                              f"Set norm: group_norm, or leave it out")
         if norm == "group_norm" and norm_groups not in (1, 2):
             raise ValueError(f"norm_groups must divide the channels of conv1 and conv2 (6 and 16): 1 or 2, got "
                              f"{norm_groups}")
         batch_norms = ("scratch", "torch", "noisy_bn", "batch_renorm")
-        if norm not in batch_norms and bn_momentum != 0.1:
+        if norm not in batch_norms and changed("bn_momentum"):
             raise ValueError(f"bn_momentum sets the running statistics of a batch norm ({', '.join(batch_norms)}); "
                              f"this network has norm: {norm}. Set one of those, or leave it out")
         seed = torch.initial_seed()
