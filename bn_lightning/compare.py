@@ -46,6 +46,8 @@ from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tqdm import tqdm
 
+from bn_lightning.results import mean_std
+
 PERCENTILES = (15, 50, 85)
 RESULT_FILE = "result.json"
 FIGURES = ("final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch", "bn_mean_gap",
@@ -242,13 +244,6 @@ def read_run(folder: Path, comparison: Comparison) -> dict:
 
 def series_events(events: EventAccumulator, tag: str) -> list:
     return events.Scalars(tag) if tag in events.Tags()["scalars"] else []
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
 
 
 def by_group(comparison: Comparison, results: dict[Run, dict]) -> dict[str, list[dict]]:

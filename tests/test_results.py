@@ -1,0 +1,43 @@
+"""bn_lightning.results: the notebooks' reader of a comparison's results folder, against the files it reads."""
+
+import csv
+import math
+import statistics
+
+import pytest
+
+from bn_lightning import results
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """results/demo as compare writes it: runs.csv (a run that diverged has empty figures) and series.csv."""
+    (tmp_path / "demo").mkdir()
+    with open(tmp_path / "demo" / "runs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerows([["group", "seed", "final_val_acc"], ["bn", 0, 0.8], ["bn", 1, 0.9], ["no_bn", 0, ""]])
+    with open(tmp_path / "demo" / "series.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["group", "seed", "tag", "step", "value"])
+        writer.writerows([["bn", 0, "x", 0, 1.0], ["bn", 0, "x", 10, 2.0], ["bn", 1, "x", 0, 3.0],
+                          ["bn", 1, "x", 10, 6.0], ["bn", 1, "x", 20, 7.0]])
+    return tmp_path
+
+
+def test_the_figures_of_each_group_read_per_seed_with_an_empty_cell_as_nan(folder):
+    assert results.have("demo", folder)
+    found = results.figure_of("demo", "final_val_acc", folder)
+    assert found["bn"] == [0.8, 0.9] and math.isnan(found["no_bn"][0])
+    assert results.pm(found["bn"], 2) == f"0.85 ± {statistics.stdev([0.8, 0.9]):.2f}"
+    assert results.pm(found["no_bn"]) == "-"
+
+
+def test_a_series_is_per_seed_and_its_mean_curve_keeps_the_steps_every_seed_logged(folder):
+    per_seed = results.series("demo", folder)["bn", "x"]
+    assert per_seed == {0: [(0, 1.0), (10, 2.0)], 1: [(0, 3.0), (10, 6.0), (20, 7.0)]}
+    assert results.mean_curve(per_seed) == ([0, 10], [2.0, 4.0], [1.0, 2.0], [3.0, 6.0])
+
+
+def test_a_missing_comparison_says_which_command_makes_it(tmp_path, capsys):
+    assert not results.have("ics", tmp_path)
+    assert "python -m bn_lightning.compare configs/compare/ics.yaml" in capsys.readouterr().out
