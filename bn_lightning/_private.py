@@ -7,6 +7,7 @@ each one against the installed versions and names the function here that needs m
 from __future__ import annotations
 
 from lightning.pytorch import Trainer
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 
@@ -47,3 +48,19 @@ def known_subclasses(parser, key: str) -> str:
     none): argparse's table of options and the help text jsonargparse adds to a subclass action."""
     action = parser._option_string_actions.get(f"--{key}")
     return getattr(action, "extra_help", lambda: "")().partition("known subclasses: ")[2]
+
+
+def has_hooks(net: nn.Module) -> bool:
+    """Whether any module of ``net`` has a forward or backward hook of its own. A compiled graph runs the
+    hooks its modules had when it was traced and, by torch's default (``skip_nnmodule_hook_guards``),
+    does not notice one added later; no public API lists a module's hooks."""
+    return any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+               for m in net.modules())
+
+
+def compiled_graphs() -> int:
+    """How many graphs ``torch.compile`` has compiled in this process (a recompilation adds one): Dynamo's
+    own counter, which ``torch._dynamo.explain`` and ``TORCH_LOGS=recompiles`` read; no public API counts them."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

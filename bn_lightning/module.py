@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from bn_lightning._private import is_logging_step
+from bn_lightning._private import has_hooks, is_logging_step
 from bn_lightning.errors import NonFiniteLossError
 from bn_lightning.trainable import Trainable, restrict_training
 
@@ -24,6 +25,18 @@ STAGES = ("train", "val", "test")
 torch.serialization.add_safe_globals(
     [cls for cls in vars(torch.optim).values() if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)]
 )
+
+
+# torch.compile's modes (torch._inductor.list_mode_options() lists what each sets).
+CompileMode = Literal["default", "lite", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES = get_args(CompileMode)
+COMPILE_DYNAMIC = None  # torch's default: the first new batch size makes the batch dimension dynamic
+
+
+def _call(net: nn.Module, x: Tensor) -> Tensor:
+    """What the compiled path compiles: a function of the network rather than the network, so that
+    nothing wraps it (no ``_orig_mod.`` in the keys) and a copy of the module does not call the original."""
+    return net(x)
 
 
 def network_hparams(net: nn.Module) -> dict:
@@ -51,12 +64,21 @@ class Classifier(LightningModule):
     layers' (``norm``), or as many ordinary ones chosen at random (``random``, picked with
     ``trainable_seed``, by default torch's seed); ``train_head`` adds the output layer to the last two.
     ``lr_scheduler``, when given, is stepped once per epoch (``model.lr_scheduler`` in a config).
+
+    ``compile`` runs the network through ``torch.compile`` (``true``, or one of its mode names such as
+    ``reduce-overhead``), set up in ``configure_model``. The network itself is not wrapped, so
+    ``state_dict`` keys and checkpoints are those of an eager run, and a step in which any of its
+    layers has a hook (the monitors hook theirs on the steps they log) runs eagerly: a compiled
+    graph would silently skip a hook added after it was traced.
     """
 
     def __init__(self, net: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD, num_classes: int = 10,
                  trainable: Trainable = "all", train_head: bool = True, trainable_seed: int | None = None,
-                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
+                 lr_scheduler: LRSchedulerCallable | None = None, compile: bool | CompileMode = False) -> None:
         super().__init__()
+        if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: give true, false or one of torch.compile's modes "
+                             f"({', '.join(COMPILE_MODES)})")
         if trainable_seed is None:
             trainable_seed = torch.initial_seed()
         # The network is described in the hyperparameters, not kept there: a module in hparams would be
@@ -66,6 +88,7 @@ class Classifier(LightningModule):
         self.net = net
         self.trained_weights = restrict_training(net, trainable, train_head, trainable_seed)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self._compiled_call = None
         # Keyed "<stage>_acc" / "<stage>_loss": a bare "train" key would clash with Module.train.
         self.metrics = nn.ModuleDict()
         for stage in STAGES:
@@ -76,8 +99,16 @@ class Classifier(LightningModule):
         for name in ("train_acc", "train_loss"):
             self.metrics[name].persistent(True)
 
+    def configure_model(self) -> None:
+        """Compile the network's call, once: Lightning calls this hook at the start of every fit, validate and test."""
+        if self.hparams.compile and self._compiled_call is None:
+            mode = None if self.hparams.compile is True else self.hparams.compile
+            self._compiled_call = torch.compile(_call, mode=mode, dynamic=COMPILE_DYNAMIC)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        if self._compiled_call is None or has_hooks(self.net):
+            return self.net(x)
+        return self._compiled_call(self.net, x)
 
     def _start_epoch(self, stage: str) -> None:
         """Every epoch starts from empty sums: at its start rather than the previous one's end, so that

@@ -124,3 +124,24 @@ def test_known_subclasses_are_the_classes_jsonargparse_lists_in_help():
     assert "torch.optim.SGD" in known and "torch.optim.Adam" in known, broken(
         "known_subclasses", f"argparse's _option_string_actions or jsonargparse's extra_help changed: {known!r}")
     assert _private.known_subclasses(parser, "no_such_key") == ""
+
+
+def test_has_hooks_sees_a_hook_of_any_kind_on_any_submodule():
+    net = LeNet("scratch")
+    assert not _private.has_hooks(net), broken("has_hooks", "a fresh LeNet has hooks")
+    for register in ("register_forward_pre_hook", "register_forward_hook", "register_full_backward_hook",
+                     "register_full_backward_pre_hook"):
+        handle = getattr(net.fc1.norm, register)(lambda *args: None)
+        assert _private.has_hooks(net), broken("has_hooks", f"misses a hook of {register}")
+        handle.remove()
+        assert not _private.has_hooks(net), broken("has_hooks", f"still sees a removed hook of {register}")
+
+
+def test_compiled_graphs_counts_each_compilation_and_recompilation():
+    compiled = torch.compile(lambda x: x.sin() + 1, dynamic=False)
+    before = _private.compiled_graphs()
+    compiled(torch.ones(3))
+    compiled(torch.ones(3))
+    assert _private.compiled_graphs() == before + 1, broken("compiled_graphs", "does not count a compilation once")
+    compiled(torch.ones(5))  # another static shape: a recompilation
+    assert _private.compiled_graphs() == before + 2, broken("compiled_graphs", "does not count a recompilation")
