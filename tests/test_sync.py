@@ -157,13 +157,15 @@ class SaveRunningStats(Callback):
 
 
 @pytest.mark.slow
-def test_ddp_fit_through_the_cli_syncs_our_bn_and_logs_and_checkpoints_once(tiny_data, tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ddp_fit_through_the_cli_syncs_our_bn_and_logs_and_checkpoints_once(tiny_data, tmp_path, compiled):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
            "RUNNING_STATS_DIR": str(tmp_path)}
     args = ["fit", "--config", str(REPO / "configs" / "lenet_bn_scratch.yaml"), f"--data.data_dir={tiny_data}",
             "--data.batch_size=32", "--data.val_size=40", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
             "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.strategy=ddp",
-            "--trainer.devices=2", "--trainer.sync_batchnorm=true", "--trainer.callbacks+=test_sync.SaveRunningStats"]
+            "--trainer.devices=2", "--trainer.sync_batchnorm=true", "--trainer.callbacks+=test_sync.SaveRunningStats",
+            f"--model.compile={str(compiled).lower()}"]
     fit = subprocess.run([sys.executable, "-m", "bn_lightning", *args], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600)
     assert fit.returncode == 0, fit.stderr[-3000:]
