@@ -156,10 +156,46 @@ def test_a_truncated_archive_is_named_and_leaves_no_partial_file(tmp_path, tiny_
     ({"batch_size": 0}, "batch_size must be a positive"),
     ({"val_size": 0}, "val_size must be a positive"),
     ({"std": 0.0}, "std must be positive"),
+    ({"on_device": True, "num_workers": 2}, "on_device: true cuts batches on the device, in the main process: set num_workers"),
 ])
 def test_bad_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FashionMNISTDataModule(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_device_batches_are_cut_on_the_gpu_and_equal_the_host_ones(tiny_data, tmp_path):
+    from lightning.pytorch import Trainer
+
+    host, device = FashionMNISTDataModule(tiny_data, batch_size=32, shuffle_seed=3), \
+        FashionMNISTDataModule(tiny_data, batch_size=32, shuffle_seed=3, on_device=True)
+    for datamodule in (host, device):
+        datamodule.trainer = Trainer(accelerator="gpu", devices=1, default_root_dir=tmp_path, logger=False)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    assert device.train_set.images.is_cuda and not host.train_set.images.is_cuda
+    for (x_host, y_host), (x_device, y_device) in zip(host.train_dataloader(), device.train_dataloader(), strict=True):
+        assert x_device.is_cuda and y_device.is_cuda
+        torch.testing.assert_close(x_device.cpu(), x_host, rtol=0, atol=0)
+        assert torch.equal(y_device.cpu(), y_host)
+
+
+def test_on_device_with_a_cpu_trainer_trains_on_the_same_batches(tiny_data, tmp_path):
+    from lightning.pytorch import Trainer
+
+    from bn_lightning.model import LeNet
+    from bn_lightning.module import Classifier
+
+    states = []
+    for on_device in (False, True):
+        torch.manual_seed(0)
+        model = Classifier(LeNet("scratch"))
+        trainer = Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, datamodule=FashionMNISTDataModule(tiny_data, batch_size=32, val_size=40, shuffle_seed=3,
+                                                             on_device=on_device))
+        states.append(model.state_dict())
+    torch.testing.assert_close(states[1], states[0], rtol=0, atol=0)
 
 
 def test_val_size_larger_than_the_data_is_rejected(tiny_data):
