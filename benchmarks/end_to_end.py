@@ -1,6 +1,7 @@
 """Training LeNet as a user does: our BN, torch's BN and no norm, eager and compiled (``model.compile``).
 
     python benchmarks/end_to_end.py [--data-dir ../shared/data] [--repeats 4] [--steps 300] [--epochs 10]
+    python benchmarks/end_to_end.py --accelerator gpu --modes default reduce-overhead --data host device
 
 At batch 16 (the blog's, Adam lr 0.01) and 256 (the book's, SGD lr 1.0), every configuration trains ``--steps``
 steps through Lightning's Trainer and the project's Classifier per repeat, the configurations interleaved.
@@ -8,7 +9,9 @@ The first repeat of each is its warm-up (a compiled one compiles there); the per
 of every step of the others. "compile + warm-up" is the first repeat's time beyond that many steady steps;
 "graphs" counts what ``torch.compile`` compiled in the first repeat and in all later ones (0: no
 recompilation). A whole run of ``--epochs`` epochs is its steps times the step time, plus the compile;
-"pays after" is how many epochs a compiled run needs to catch up with the eager one. The inductor's
+"pays after" is how many epochs a compiled run needs to catch up with the eager one. ``--modes`` adds
+``torch.compile`` modes (``reduce-overhead``: CUDA graphs on a GPU), ``--data device`` the DataModule's
+``on_device`` (batches cut on the GPU) beside host batches copied over. The inductor's
 on-disk cache is off unless ``--warm-cache``, so the compile time is a first run's. Writes
 benchmarks/results/end_to_end.json and end_to_end.md.
 """
@@ -38,6 +41,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="the length of the whole run estimated")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--accelerator", default="cpu", help="Lightning's accelerator: cpu, or gpu on a GPU machine")
+    parser.add_argument("--modes", nargs="+", default=["default"], help="torch.compile modes to compare with eager")
+    parser.add_argument("--data", nargs="+", default=["host"], choices=["host", "device"],
+                        help="where batches are cut: host memory (copied over each step) or on the device")
     parser.add_argument("--warm-cache", action="store_true", help="let torch.compile reuse its on-disk cache")
     return parser.parse_args()
 
@@ -69,12 +75,14 @@ class StepEnds(Callback):
         self.ends.append(time.perf_counter())
 
 
-def train(norm: str, compiled: bool, batch: int, datamodule: FashionMNISTDataModule) -> tuple[float, list[float], int]:
+def train(norm: str, compile: bool | str, batch: int, data: str) -> tuple[float, list[float], int]:
     """``ARGS.steps`` steps of a fresh model: seconds from the start to the last step's end, the steps'
     durations (from the previous one's end) and the graphs compiled meanwhile."""
     name, lr = SETTINGS[batch]
     torch.manual_seed(0)
-    model = Classifier(LeNet(norm), optimizer=partial(getattr(torch.optim, name), lr=lr), compile=compiled)
+    model = Classifier(LeNet(norm), optimizer=partial(getattr(torch.optim, name), lr=lr), compile=compile)
+    datamodule = FashionMNISTDataModule(ARGS.data_dir, batch_size=batch, download=False, shuffle_seed=0,
+                                        on_device=data == "device")
     record, graphs = StepEnds(), compiled_graphs()
     trainer = Trainer(max_steps=ARGS.steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
@@ -84,43 +92,47 @@ def train(norm: str, compiled: bool, batch: int, datamodule: FashionMNISTDataMod
     return ends[-1] - ends[0], [b - a for a, b in zip(ends, ends[1:])], compiled_graphs() - graphs
 
 
+def label(compile: bool | str) -> str:
+    return "eager" if compile is False else "compiled" if compile is True else f"compiled, {compile}"
+
+
 def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    configurations = [(norm, compiled) for norm in NORMS for compiled in (False, True)]
+    compiles = [False, True, *(mode for mode in ARGS.modes if mode != "default")]
+    configurations = [(norm, compile, data) for data in ARGS.data for norm in NORMS for compile in compiles]
     rows, table = [], []
     for batch in ARGS.batch_sizes:
         torch.compiler.reset()  # each batch size compiles as a run of its own would, static at first
-        datamodule = FashionMNISTDataModule(ARGS.data_dir, batch_size=batch, download=False, shuffle_seed=0)
         first, steps, graphs = {}, {c: [] for c in configurations}, {c: [0, 0] for c in configurations}
         for repeat in range(ARGS.repeats):
             for configuration in configurations:
-                seconds, durations, compiled_now = train(*configuration, batch, datamodule)
+                seconds, durations, compiled_now = train(*configuration[:2], batch, configuration[2])
                 graphs[configuration][repeat > 0] += compiled_now
                 if repeat == 0:
                     first[configuration] = seconds
                 else:
                     steps[configuration] += durations
         step = {c: statistics.median(d) for c, d in steps.items()}
-        reference = step["torch", False]
-        steps_per_run = ARGS.epochs * math.ceil(TRAIN_IMAGES / batch)
-        for norm in NORMS:
-            eager, compiled = step[norm, False], step[norm, True]
-            warmup = first[norm, True] - ARGS.steps * compiled
-            run_eager, run_compiled = steps_per_run * eager, warmup + steps_per_run * compiled
-            saved_per_epoch = (eager - compiled) * math.ceil(TRAIN_IMAGES / batch)
+        reference = step["torch", False, ARGS.data[0]]
+        steps_per_epoch = math.ceil(TRAIN_IMAGES / batch)
+        for configuration in configurations:
+            norm, compile, data = configuration
+            seconds, eager = step[configuration], step[norm, False, data]
+            warmup = max(first[configuration] - ARGS.steps * seconds, 0.0) if compile is not False else 0.0
+            run = warmup + ARGS.epochs * steps_per_epoch * seconds
+            saved_per_epoch = (eager - seconds) * steps_per_epoch
             pays_after = warmup / saved_per_epoch if saved_per_epoch > 0 else math.inf
-            rows.append({"batch": batch, "norm": norm, "eager_step_s": eager, "compiled_step_s": compiled,
-                         "eager_vs_torch_eager": eager / reference, "compiled_vs_torch_eager": compiled / reference,
-                         "compile_s": warmup, "graphs_first_repeat": graphs[norm, True][0],
-                         "graphs_later": graphs[norm, True][1], "run_eager_s": run_eager, "run_compiled_s": run_compiled,
-                         "pays_after_epochs": pays_after})
-            table.append([batch, norm, f"{eager * 1e3:.2f}", f"{eager / reference:.2f}x", f"{compiled * 1e3:.2f}",
-                          f"{compiled / reference:.2f}x", f"{warmup:.1f}", f"{graphs[norm, True][0]} / {graphs[norm, True][1]}",
-                          f"{run_eager / 60:.1f}", f"{run_compiled / 60:.1f}",
-                          "never" if math.isinf(pays_after) else f"{pays_after:.1f}"])
-    text = markdown_table(["batch", "norm", "eager ms/step", "eager / torch eager", "compiled ms/step",
-                           "compiled / torch eager", "compile + warm-up s", "graphs (first / later repeats)",
-                           f"{ARGS.epochs}-epoch run, eager min", "compiled min", "compiling pays after (epochs)"], table)
+            rows.append({"batch": batch, "norm": norm, "compile": compile, "data": data, "step_s": seconds,
+                         "vs_torch_eager": seconds / reference, "compile_s": warmup,
+                         "graphs_first_repeat": graphs[configuration][0], "graphs_later": graphs[configuration][1],
+                         "run_s": run, "pays_after_epochs": pays_after if compile is not False else None})
+            table.append([batch, norm, label(compile), data, f"{seconds * 1e3:.2f}", f"{seconds / reference:.2f}x",
+                          f"{warmup:.1f}", f"{graphs[configuration][0]} / {graphs[configuration][1]}",
+                          f"{run / 60:.1f}", "" if compile is False else "never" if math.isinf(pays_after)
+                          else f"{pays_after:.1f}"])
+    text = markdown_table(["batch", "norm", "run", "batches cut on", "ms/step", f"/ torch eager ({ARGS.data[0]})",
+                           "compile + warm-up s", "graphs (first / later repeats)", f"{ARGS.epochs}-epoch run, min",
+                           "compiling pays after (epochs)"], table)
     print(f"LeNet through Lightning, {ARGS.steps} steps x {ARGS.repeats} interleaved repeats (the first a warm-up), "
           f"{ARGS.accelerator}, {torch.get_num_threads()} threads, inductor cache {'on' if ARGS.warm_cache else 'off'}")
     print(text)
