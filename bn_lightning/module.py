@@ -30,7 +30,6 @@ torch.serialization.add_safe_globals(
 # torch.compile's modes (torch._inductor.list_mode_options() lists what each sets).
 CompileMode = Literal["default", "lite", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES = get_args(CompileMode)
-COMPILE_DYNAMIC = None  # torch's default: the first new batch size makes the batch dimension dynamic
 
 
 def _call(net: nn.Module, x: Tensor) -> Tensor:
@@ -103,7 +102,9 @@ class Classifier(LightningModule):
         """Compile the network's call, once: Lightning calls this hook at the start of every fit, validate and test."""
         if self.hparams.compile and self._compiled_call is None:
             mode = None if self.hparams.compile is True else self.hparams.compile
-            self._compiled_call = torch.compile(_call, mode=mode, dynamic=COMPILE_DYNAMIC)
+            # torch's automatic dynamic shapes: a graph for the training batch size, one with a dynamic batch
+            # dimension from the first other size on (the short last batch), one for evaluation; none later.
+            self._compiled_call = torch.compile(_call, mode=mode)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._compiled_call is None or has_hooks(self.net):
