@@ -83,6 +83,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def report(name: str, title: str, header: list[str], table: list[list], rows: list[dict]) -> None:
+    """Print the title and the table, and write both results files (see write_results)."""
+    text = markdown_table(header, table)
+    print(title)
+    print(text)
+    print("written", write_results(name, rows, text))
+
+
 def add_blog_arguments(parser, out: Path) -> None:
     """The options the blog's benchmarks (blog_memory.py, blog_accuracy.py) share."""
     parser.add_argument("--train-steps", type=int, default=None, help="training steps per epoch (default: all 3750)")

@@ -59,7 +59,7 @@ from bn_lightning._private import compiled_graphs  # noqa: E402
 from bn_lightning.data import FashionMNISTDataModule  # noqa: E402
 from bn_lightning.model import LeNet  # noqa: E402
 from bn_lightning.module import Classifier  # noqa: E402
-from common import markdown_table, write_results  # noqa: E402
+from common import report  # noqa: E402
 
 
 class StepEnds(Callback):
@@ -130,13 +130,12 @@ def main() -> None:
                           f"{warmup:.1f}", f"{graphs[configuration][0]} / {graphs[configuration][1]}",
                           f"{run / 60:.1f}", "" if compile is False else "never" if math.isinf(pays_after)
                           else f"{pays_after:.1f}"])
-    text = markdown_table(["batch", "norm", "run", "batches cut on", "ms/step", f"/ torch eager ({ARGS.data[0]})",
-                           "compile + warm-up s", "graphs (first / later repeats)", f"{ARGS.epochs}-epoch run, min",
-                           "compiling pays after (epochs)"], table)
-    print(f"LeNet through Lightning, {ARGS.steps} steps x {ARGS.repeats} interleaved repeats (the first a warm-up), "
-          f"{ARGS.accelerator}, {torch.get_num_threads()} threads, inductor cache {'on' if ARGS.warm_cache else 'off'}")
-    print(text)
-    print("written", write_results("end_to_end", rows, text))
+    report("end_to_end", f"LeNet through Lightning, {ARGS.steps} steps x {ARGS.repeats} interleaved repeats (the first "
+           f"a warm-up), {ARGS.accelerator}, {torch.get_num_threads()} threads, inductor cache "
+           f"{'on' if ARGS.warm_cache else 'off'}",
+           ["batch", "norm", "run", "batches cut on", "ms/step", f"/ torch eager ({ARGS.data[0]})", "compile + warm-up s",
+            "graphs (first / later repeats)", f"{ARGS.epochs}-epoch run, min", "compiling pays after (epochs)"],
+           table, rows)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from bn_lightning.data import FashionMNISTDataModule
 from bn_lightning.model import LeNet
 from bn_lightning.module import Classifier
-from common import markdown_table, write_results
+from common import report
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LR = {"none": 0.9, "scratch": 1.0, "torch": 1.0}  # Dive into Deep Learning's
@@ -154,13 +154,10 @@ def main() -> None:
         table.append([norm, len(plain_losses), f"{step['plain'] * 1e3:.2f}", f"{step['Lightning'] * 1e3:.2f}",
                       f"{step['Lightning'] / step['plain']:.3f}x", f"{step['loss-only'] / step['plain']:.3f}x",
                       f"{epoch['Lightning'] / epoch['plain']:.3f}x", f"{100 * share:.2f}%", f"{worst:.1e}"])
-    text = markdown_table(["norm", "steps", "plain ms/step", "Lightning ms/step", "Lightning/plain",
-                           "loss-only Lightning/plain", "epoch time Lightning/plain", "data share of step",
-                           "max loss diff"], table)
-    print(f"LeNet, batch 256, SGD, one epoch, median of {args.repeats} interleaved repeats, "
-          f"{torch.get_num_threads()} threads")
-    print(text)
-    print("written", write_results("train", rows, text))
+    report("train", f"LeNet, batch 256, SGD, one epoch, median of {args.repeats} interleaved repeats, "
+           f"{torch.get_num_threads()} threads",
+           ["norm", "steps", "plain ms/step", "Lightning ms/step", "Lightning/plain", "loss-only Lightning/plain",
+            "epoch time Lightning/plain", "data share of step", "max loss diff"], table, rows)
 
 
 if __name__ == "__main__":
