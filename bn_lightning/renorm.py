@@ -63,7 +63,7 @@ def _forward(x, weight, bias, running_mean, running_var, r_max, d_max, momentum,
     r = torch.clamp(running_invstd / invstd, 1 / r_max, r_max)
     d = torch.clamp((mean - running_mean.to(xs.dtype)) * running_invstd, -d_max, d_max)
     # Only now, r and d taken: BN's update, term for term.
-    running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+    running_mean.lerp_(mean, momentum)
     running_var.mul_(1 - momentum).add_(sum_of_squares, alpha=momentum / (count - 1))
     scale, shift = invstd * r, d
     if weight is not None:

@@ -1,4 +1,4 @@
-"""The benchmarks' CPU memory accounting against allocations whose sizes are known."""
+"""The benchmarks' CPU memory accounting against allocations whose sizes are known, and their shapes against the model's."""
 
 import sys
 from pathlib import Path
@@ -6,7 +6,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bn_cost import shapes  # noqa: E402
 from common import PeakAllocatedBytes  # noqa: E402
+
+from bn_lightning.model import LeNet  # noqa: E402
+from bn_lightning.norm import BATCH_NORMS  # noqa: E402
 
 MIB = 2**20
 
@@ -37,3 +41,13 @@ def test_a_temporary_freed_inside_one_op_counts():
         layer(x).backward(grad_out)
     size = x.numel() * x.element_size()
     assert 3 * size <= counter.peak < 3 * size + 64 * 1024
+
+
+def test_bn_cost_times_the_inputs_lenets_bn_layers_get():
+    seen = []
+    net = LeNet("scratch")
+    for layer in net.modules():
+        if isinstance(layer, BATCH_NORMS):
+            layer.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    net(torch.randn(3, 1, 28, 28))
+    assert seen == shapes(3)
