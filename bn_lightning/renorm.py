@@ -38,6 +38,7 @@ from bn_lightning.norm import (
     BatchNorm1d,
     BatchNorm2d,
     _BatchNorm,
+    _as_dtype,
     _channel_sum,
     _channel_sum_of_squares,
     _channel_view,
@@ -53,15 +54,15 @@ def _forward(x, weight, bias, running_mean, running_var, r_max, d_max, momentum,
     """The training forward, as :func:`bn_lightning.norm._forward` takes it: the output, and the per-channel
     mean, invstd (``1 / sigma_B``), r, d and scale (``gamma * r / sigma_B``) the backward needs."""
     ndim, count = x.dim(), _values_per_channel(x)
-    xs = x.to(_stats_dtype(x))
-    r_max, d_max = r_max.to(xs.dtype), d_max.to(xs.dtype)
+    xs = _as_dtype(x, _stats_dtype(x))
+    r_max, d_max = _as_dtype(r_max, xs.dtype), _as_dtype(d_max, xs.dtype)
     mean = _channel_sum(xs).div_(count)
     out = xs - _channel_view(mean, ndim)
     sum_of_squares = _channel_sum_of_squares(out)
     invstd = sum_of_squares.div(count).add_(eps).rsqrt_()
-    running_invstd = running_var.to(xs.dtype).add(eps).rsqrt_()  # 1 / sigma
+    running_invstd = _as_dtype(running_var, xs.dtype).add(eps).rsqrt_()  # 1 / sigma
     r = torch.clamp(running_invstd / invstd, 1 / r_max, r_max)
-    d = torch.clamp((mean - running_mean.to(xs.dtype)) * running_invstd, -d_max, d_max)
+    d = torch.clamp((mean - _as_dtype(running_mean, xs.dtype)) * running_invstd, -d_max, d_max)
     # Only now, r and d taken: BN's update, term for term.
     running_mean.lerp_(mean, momentum)
     running_var.mul_(1 - momentum).add_(sum_of_squares, alpha=momentum / (count - 1))
@@ -71,7 +72,7 @@ def _forward(x, weight, bias, running_mean, running_var, r_max, d_max, momentum,
     if bias is not None:
         shift = shift + bias
     out = _scale_shift(out, scale, shift, out=out)
-    return out.to(x.dtype), mean, invstd, r, d, scale
+    return _as_dtype(out, x.dtype), mean, invstd, r, d, scale
 
 
 class _BatchRenormFunction(torch.autograd.Function):
@@ -97,7 +98,7 @@ class _BatchRenormFunction(torch.autograd.Function):
         x, mean, invstd, r, d, scale = ctx.saved_tensors
         ndim, count = x.dim(), _values_per_channel(x)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dy, xs = grad_out.to(mean.dtype), x.to(mean.dtype)
+        dy, xs = _as_dtype(grad_out, mean.dtype), _as_dtype(x, mean.dtype)
         # sum(dy) and sum(dy * (x - mean)) per channel, the latter in the buffer that becomes grad_x.
         sum_dy = _channel_sum(dy)
         buffer = torch.sub(xs, _channel_view(mean, ndim)).mul_(dy)
@@ -112,7 +113,7 @@ class _BatchRenormFunction(torch.autograd.Function):
             per_value = scale * (-1 / count)
             offset = torch.addcmul(sum_dy, a, mean, value=-1).mul_(per_value)
             grad_x = _scale_shift(xs, a.mul_(per_value), offset, out=buffer)
-            grad_x = grad_x.addcmul_(_channel_view(scale, ndim), dy).to(x.dtype)
+            grad_x = _as_dtype(grad_x.addcmul_(_channel_view(scale, ndim), dy), x.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
