@@ -94,6 +94,16 @@ def _device_type(t: Tensor) -> str:
     return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
 
 
+def _outside_autocast(input: Tensor, run, *args) -> Tensor:
+    """``run(*args)`` with autocast off on ``input``'s device: autocast would run the statistics' dot
+    products in half precision; they stay in float32."""
+    device_type = _device_type(input)
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return run(*args)
+    return run(*args)
+
+
 def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t.to(dtype)``, skipped when it would change nothing: even a no-op ``to`` costs as much as a small op."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -274,12 +284,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         or (bias is not None and bias.requires_grad)
     )
     run = _BatchNormFunction.apply if needs_graph else lambda *a: _forward(*a)[0]
-    device_type = _device_type(input)
-    if torch.is_autocast_enabled(device_type):
-        # Autocast would run the statistics' dot products in half precision; they stay in float32.
-        with torch.autocast(device_type, enabled=False):
-            return run(*args)
-    return run(*args)
+    return _outside_autocast(input, run, *args)
 
 
 class _BatchNorm(nn.Module):

@@ -42,7 +42,7 @@ from bn_lightning.norm import (
     _channel_sum,
     _channel_sum_of_squares,
     _channel_view,
-    _device_type,
+    _outside_autocast,
     _scale_shift,
     _stats_dtype,
     _values_per_channel,
@@ -170,12 +170,7 @@ class _BatchRenorm(_BatchNorm):
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         args = (input, self.weight, self.bias, self.running_mean, self.running_var, r_max, d_max, momentum, self.eps)
-        device_type = _device_type(input)
-        if torch.is_autocast_enabled(device_type):
-            # As in norm.py: the statistics stay in float32.
-            with torch.autocast(device_type, enabled=False):
-                return _BatchRenormFunction.apply(*args)
-        return _BatchRenormFunction.apply(*args)
+        return _outside_autocast(input, _BatchRenormFunction.apply, *args)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
