@@ -18,7 +18,7 @@ import argparse
 import torch
 from torch import nn
 
-from bn_lightning.norm import BatchNorm1d, BatchNorm2d
+from bn_lightning.nn.batchnorm import BatchNorm1d, BatchNorm2d
 from common import PeakAllocatedBytes, markdown_table, median_times, write_results
 
 SHAPES = [(256, 6, 24, 24), (256, 16, 8, 8), (256, 120), (256, 64, 32, 32)]

@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from bn_lightning import norm
+from bn_lightning.nn import batchnorm as norm
 from common import median_times, report
 
 
 def shapes(batch: int) -> list[tuple[int, ...]]:
-    """The inputs of LeNet's four BN layers (bn_lightning.model.LeNet) at this batch size."""
+    """The inputs of LeNet's four BN layers (bn_lightning.nn.lenet.LeNet) at this batch size."""
     return [(batch, 6, 24, 24), (batch, 16, 8, 8), (batch, 120), (batch, 84)]
 
 

@@ -57,7 +57,7 @@ from lightning.pytorch import Callback, Trainer  # noqa: E402
 
 from bn_lightning._private import compiled_graphs  # noqa: E402
 from bn_lightning.data import FashionMNISTDataModule  # noqa: E402
-from bn_lightning.model import LeNet  # noqa: E402
+from bn_lightning.nn.lenet import LeNet  # noqa: E402
 from bn_lightning.module import Classifier  # noqa: E402
 from common import report  # noqa: E402
 

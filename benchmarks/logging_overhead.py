@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from bn_lightning import probes
 from bn_lightning.data import FashionMNISTDataModule
-from bn_lightning.model import LeNet
+from bn_lightning.nn.lenet import LeNet
 from bn_lightning.module import Classifier
 from common import markdown_table, write_results
 

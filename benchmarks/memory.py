@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bn_lightning.model import LeNet
+from bn_lightning.nn.lenet import LeNet
 from common import markdown_table, write_results
 
 

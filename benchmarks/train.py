@@ -25,7 +25,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
 from bn_lightning.data import FashionMNISTDataModule
-from bn_lightning.model import LeNet
+from bn_lightning.nn.lenet import LeNet
 from bn_lightning.module import Classifier
 from common import report
 

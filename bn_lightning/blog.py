@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torchvision.datasets import FashionMNIST
 
 from bn_lightning.data import default_data_dir
-from bn_lightning.model import LeNet
+from bn_lightning.nn.lenet import LeNet
 
 __all__ = ["BlogBatchNorm", "blog_lenet", "load_fashion_mnist", "batches", "train_epoch", "test"]
 

@@ -29,9 +29,9 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from bn_lightning import model
+from bn_lightning.nn import lenet as model
 from bn_lightning._private import write_summary
-from bn_lightning.norm import BATCH_NORMS
+from bn_lightning.nn.batchnorm import BATCH_NORMS
 
 ACTIVATIONS = tuple(model.ACTIVATIONS.values())
 PERCENTILES = (15, 50, 85)

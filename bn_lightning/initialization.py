@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from bn_lightning.norm import BATCH_NORMS
+from bn_lightning.nn.batchnorm import BATCH_NORMS
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch.nn import Module
 
-from bn_lightning.norm import _BatchNorm
+from bn_lightning.nn.batchnorm import _BatchNorm
 
 
 class BatchNormSync(TorchSyncBatchNorm):

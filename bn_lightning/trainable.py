@@ -8,7 +8,7 @@ weights, not its bias: a BN right after a layer subtracts the mean, so that bias
 layer, which both of their variants try; ``all`` without it is every weight but the output layer's
 (Hoffer et al. 2018, "Fix your classifier").
 
-The net's blocks must name their layers as :class:`~bn_lightning.model.LeNet` does: ``affine`` then
+The net's blocks must name their layers as :class:`~bn_lightning.nn.lenet.LeNet` does: ``affine`` then
 ``norm``; the head is its last ``nn.Linear``.
 """
 
@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from bn_lightning.norm import BATCH_NORMS
+from bn_lightning.nn.batchnorm import BATCH_NORMS
 
 Trainable = Literal["all", "norm", "random"]
 TRAINABLE = ("all", "norm", "random")

@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bn_cost import shapes  # noqa: E402
 from common import PeakAllocatedBytes  # noqa: E402
 
-from bn_lightning.model import LeNet  # noqa: E402
-from bn_lightning.norm import BATCH_NORMS  # noqa: E402
+from bn_lightning.nn.lenet import LeNet  # noqa: E402
+from bn_lightning.nn.batchnorm import BATCH_NORMS  # noqa: E402
 
 MIB = 2**20
 

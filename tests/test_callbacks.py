@@ -16,9 +16,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from bn_lightning import callbacks as cb
-from bn_lightning import norm as scratch
+from bn_lightning.nn import batchnorm as scratch
 from bn_lightning.data import FashionMNISTDataModule
-from bn_lightning.model import LeNet
+from bn_lightning.nn.lenet import LeNet
 from bn_lightning.module import Classifier
 from helpers import REPO
 

@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, Trainer
 
 from bn_lightning import _private
 from bn_lightning.data import FashionMNISTDataModule
-from bn_lightning.model import LeNet
+from bn_lightning.nn.lenet import LeNet
 from bn_lightning.module import COMPILE_MODES, Classifier
 from helpers import REPO, frequent_logging_callbacks, run_cli, scalars
 

@@ -183,7 +183,7 @@ def test_on_device_batches_are_cut_on_the_gpu_and_equal_the_host_ones(tiny_data,
 def test_on_device_with_a_cpu_trainer_trains_on_the_same_batches(tiny_data, tmp_path):
     from lightning.pytorch import Trainer
 
-    from bn_lightning.model import LeNet
+    from bn_lightning.nn.lenet import LeNet
     from bn_lightning.module import Classifier
 
     states = []

@@ -13,8 +13,8 @@ from torch import nn
 
 from bn_lightning import Classifier, LeNet
 from bn_lightning.initialization import LSUV, lsuv_
-from bn_lightning.noisy_norm import NoisyBatchNorm1d, NoisyBatchNorm2d
-from bn_lightning.norm import BATCH_NORMS, BatchNorm2d
+from bn_lightning.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
+from bn_lightning.nn.batchnorm import BATCH_NORMS, BatchNorm2d
 
 
 def images(n=32, seed=0):

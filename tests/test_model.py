@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bn_lightning import norm as scratch
-from bn_lightning.model import LeNet
+from bn_lightning.nn import batchnorm as scratch
+from bn_lightning.nn.lenet import LeNet
 
 BLOCKS = ("conv1", "conv2", "fc1", "fc2")
 

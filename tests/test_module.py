@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from bn_lightning.data import FashionMNISTDataModule
-from bn_lightning.model import LeNet
+from bn_lightning.nn.lenet import LeNet
 from bn_lightning.errors import NonFiniteLossError
 from bn_lightning.module import Classifier
 from helpers import CONFIGS
@@ -46,7 +46,7 @@ def test_optimizer_and_learning_rate_come_from_the_arguments(optimizer, lr):
 def test_hyperparameters_describe_the_network_without_holding_it():
     model = Classifier(LeNet("scratch", pool="max"), num_classes=10)
     assert model.hparams.num_classes == 10
-    assert model.hparams.net == {"class_path": "bn_lightning.model.LeNet",
+    assert model.hparams.net == {"class_path": "bn_lightning.nn.lenet.LeNet",
                                  "init_args": {"norm": "scratch", "activation": "sigmoid", "pool": "max",
                                                "norm_position": "before", "init_gain": 1.0,
                                                "noise_shift": 1.0, "noise_scale": 2.0, "renorm_r_max": 3.0,

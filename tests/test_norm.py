@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from bn_lightning import norm
+from bn_lightning.nn import batchnorm as norm
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-9)}
 PAIRS = [(norm.BatchNorm1d, nn.BatchNorm1d), (norm.BatchNorm2d, nn.BatchNorm2d), (norm.BatchNorm3d, nn.BatchNorm3d)]

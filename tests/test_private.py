@@ -14,7 +14,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from bn_lightning import _private
 from bn_lightning.cli import _ArgumentParser
 from bn_lightning.data import FashionMNISTDataModule
-from bn_lightning.model import LeNet
+from bn_lightning.nn.lenet import LeNet
 from bn_lightning.module import Classifier
 from bn_lightning.resume import StopAndResume
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from bn_lightning import norm
-from bn_lightning.model import LeNet
-from bn_lightning.renorm import BatchRenorm1d, BatchRenorm2d, _BatchRenormFunction
+from bn_lightning.nn import batchnorm as norm
+from bn_lightning.nn.lenet import LeNet
+from bn_lightning.nn.renorm import BatchRenorm1d, BatchRenorm2d, _BatchRenormFunction
 from bn_lightning.sync import BatchNormSync
 
 F64 = torch.float64

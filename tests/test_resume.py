@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bn_lightning.data import FashionMNISTDataModule
-from bn_lightning.model import LeNet
+from bn_lightning.nn.lenet import LeNet
 from bn_lightning.module import Classifier
 from bn_lightning.resume import StopAndResume
 from bn_lightning.sampling import EpochShuffle, ResumableLoader

@@ -22,7 +22,7 @@ from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from bn_lightning import norm
+from bn_lightning.nn import batchnorm as norm
 from helpers import REPO
 
 STEPS = 3

@@ -9,8 +9,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from bn_lightning import noisy_norm, renorm
-from bn_lightning import norm as scratch
+from bn_lightning.nn import batchnorm as scratch
+from bn_lightning.nn import noisy as noisy_norm
+from bn_lightning.nn import renorm
 
 # Each norm as (layer for feature vectors, layer for feature maps).
 NORMS = {
@@ -47,10 +48,10 @@ class LeNet(nn.Sequential):
 
     Weights start Xavier-uniform, as in the book, with ``init_gain`` as Xavier's gain (4 is Glorot &
     Bengio's advice for the sigmoid, whose slope at 0 is 1/4). ``noise_shift`` and ``noise_scale`` set
-    the noise of ``norm="noisy_bn"`` (:mod:`bn_lightning.noisy_norm`); its layers' noise seeds follow
+    the noise of ``norm="noisy_bn"`` (:mod:`bn_lightning.nn.noisy`); its layers' noise seeds follow
     from torch's seed, so the weights equal those of ``norm="scratch"`` built after the same seed.
     ``bn_momentum`` is every BN layer's ``momentum`` (None: the cumulative average of all batches).
-    ``renorm_*`` set the limits and their schedule of ``norm="batch_renorm"`` (:mod:`bn_lightning.renorm`).
+    ``renorm_*`` set the limits and their schedule of ``norm="batch_renorm"`` (:mod:`bn_lightning.nn.renorm`).
 
     ``group_norm`` and ``layer_norm`` normalize each sample on its own, torch's layers: on the feature
     maps ``nn.GroupNorm`` with ``norm_groups`` groups of channels, or one group for ``layer_norm`` (Wu &

@@ -11,7 +11,7 @@ the batch statistics toward the moving ones, within limits::
 
 with r and d constants to the backward. Unclipped, x_hat = (x - running_mean) / sigma, eval's
 normalization; with r_max = 1 and d_max = 0 it is plain BN. r and d come from the running statistics
-as they stand before this step updates them; the update and eval are our BN's (:mod:`bn_lightning.norm`,
+as they stand before this step updates them; the update and eval are our BN's (:mod:`bn_lightning.nn.batchnorm`,
 momentum=None included), and so are the constructor, buffers and state_dict.
 
 The paper keeps a moving average of sigma_B itself; we keep BN's moving unbiased variance and take
@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bn_lightning.norm import (
+from bn_lightning.nn.batchnorm import (
     BatchNorm1d,
     BatchNorm2d,
     _BatchNorm,
@@ -52,7 +52,7 @@ __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
 
 def _forward(x, weight, bias, running_mean, running_var, r_max, d_max, momentum, eps):
-    """The training forward, as :func:`bn_lightning.norm._forward` takes it: the output, and the per-channel
+    """The training forward, as :func:`bn_lightning.nn.batchnorm._forward` takes it: the output, and the per-channel
     mean, invstd (``1 / sigma_B``), r, d and scale (``gamma * r / sigma_B``) the backward needs."""
     ndim, count = x.dim(), _values_per_channel(x)
     xs = _as_dtype(x, _stats_dtype(x))
@@ -82,7 +82,7 @@ class _BatchRenormFunction(torch.autograd.Function):
         dx = (gamma * r / sigma_B) * (dy - mean(dy) - x_hatB * mean(dy * x_hatB)),  x_hatB = (x - mu_B) / sigma_B
         dgamma = sum(dy * x_hat),  dbeta = sum(dy)
 
-    That is BN's backward (:class:`bn_lightning.norm._BatchNormFunction`) with gamma * r in gamma's place,
+    That is BN's backward (:class:`bn_lightning.nn.batchnorm._BatchNormFunction`) with gamma * r in gamma's place,
     computed the same way, without its process-group path.
     """
 

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from bn_lightning.norm import BatchNorm1d, BatchNorm2d, _BatchNorm
+from bn_lightning.nn.batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
 
 __all__ = ["NoisyBatchNorm1d", "NoisyBatchNorm2d"]
 

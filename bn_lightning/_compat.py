@@ -1,0 +1,46 @@
+"""The module paths of release 0.1, before the package was layered, kept importable for one release.
+
+Every run folder's ``config.yaml`` and checkpoint of 0.1 names classes by those paths
+(``bn_lightning.model.LeNet``, ``bn_lightning.probes.GradientICS``...). Importing an old path gives the
+module that now holds its names, with a ``FutureWarning`` that names the new path.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from importlib import import_module
+
+# Old module -> the module that holds its names now.
+MOVED = {
+    "bn_lightning.norm": "bn_lightning.nn.batchnorm",
+    "bn_lightning.renorm": "bn_lightning.nn.renorm",
+    "bn_lightning.noisy_norm": "bn_lightning.nn.noisy",
+    "bn_lightning.model": "bn_lightning.nn.lenet",
+}
+
+
+class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds an old path (after every other finder has not) and loads it as the new module itself."""
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name in MOVED else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        old, new = module.__name__, MOVED[module.__name__]
+        warnings.warn(f"{old} is now {new}; the old path goes in the next release", FutureWarning, stacklevel=2)
+        # The import system returns what sys.modules holds under the name once this returns: the new module.
+        sys.modules[old] = import_module(new)
+
+
+_finder = _Alias()
+
+
+def install() -> None:
+    if _finder not in sys.meta_path:
+        sys.meta_path.append(_finder)
