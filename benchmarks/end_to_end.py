@@ -55,10 +55,10 @@ if not ARGS.warm_cache:
 import torch  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
-from bn_lightning._private import compiled_graphs  # noqa: E402
-from bn_lightning.data import FashionMNISTDataModule  # noqa: E402
+from bn_lightning.training._private import compiled_graphs  # noqa: E402
+from bn_lightning.training.data import FashionMNISTDataModule  # noqa: E402
 from bn_lightning.nn.lenet import LeNet  # noqa: E402
-from bn_lightning.module import Classifier  # noqa: E402
+from bn_lightning.training.module import Classifier  # noqa: E402
 from common import report  # noqa: E402
 
 

@@ -3,7 +3,7 @@
     python benchmarks/logging_overhead.py [--data-dir DIR] [--epochs 1] [--batches N] [--repeats 5] [--probes]
 
 LeNet with our BN on the real Fashion-MNIST with Dive into Deep Learning's settings (SGD lr 1.0,
-batch 256), in one process. "on" runs get the callbacks exactly as bn_lightning/defaults.yaml
+batch 256), in one process. "on" runs get the callbacks exactly as bn_lightning/training/defaults.yaml
 sets them; "off" runs get none; both log to TensorBoard as a run does. The two alternate
 (on, off, off, on, ...) so that drifts in machine load hit both alike, after one short warm-up fit.
 Validation is off, so an epoch is training only. Prints the median seconds per epoch of each and
@@ -31,13 +31,13 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from bn_lightning import probes
-from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
-from bn_lightning.module import Classifier
+from bn_lightning.training.module import Classifier
 from common import markdown_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "bn_lightning" / "defaults.yaml"  # the callbacks every run has
+CONFIG = REPO / "bn_lightning" / "training" / "defaults.yaml"  # the callbacks every run has
 
 
 class EpochTimer(Callback):

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
-from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
-from bn_lightning.module import Classifier
+from bn_lightning.training.module import Classifier
 from common import report
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -17,8 +17,8 @@ _EXPORTS = {
     "BatchRenorm1d": "bn_lightning.nn",
     "BatchRenorm2d": "bn_lightning.nn",
     "LeNet": "bn_lightning.nn",
-    "Classifier": "bn_lightning.module",
-    "FashionMNISTDataModule": "bn_lightning.data",
+    "Classifier": "bn_lightning.training.module",
+    "FashionMNISTDataModule": "bn_lightning.training.data",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,4 @@
-from bn_lightning.cli import main
+from bn_lightning.training.cli import main
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,15 @@ MOVED = {
     "bn_lightning.renorm": "bn_lightning.nn.renorm",
     "bn_lightning.noisy_norm": "bn_lightning.nn.noisy",
     "bn_lightning.model": "bn_lightning.nn.lenet",
+    "bn_lightning.module": "bn_lightning.training.module",
+    "bn_lightning.data": "bn_lightning.training.data",
+    "bn_lightning.sampling": "bn_lightning.training.sampling",
+    "bn_lightning.resume": "bn_lightning.training.resume",
+    "bn_lightning.sync": "bn_lightning.training.sync",
+    "bn_lightning.cli": "bn_lightning.training.cli",
+    "bn_lightning.errors": "bn_lightning.training.errors",
+    "bn_lightning._private": "bn_lightning.training._private",
+    "bn_lightning.trainable": "bn_lightning.training.trainable",
 }
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from bn_lightning.nn import lenet as model
-from bn_lightning._private import write_summary
+from bn_lightning.training._private import write_summary
 from bn_lightning.nn.batchnorm import BATCH_NORMS
 
 ACTIVATIONS = tuple(model.ACTIVATIONS.values())

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-DEFAULTS = REPO / "bn_lightning" / "defaults.yaml"
+DEFAULTS = REPO / "bn_lightning" / "training" / "defaults.yaml"
 # CI and developers keep the real data set beside the clone; BN_LIGHTNING_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("BN_LIGHTNING_DATA", REPO.parent / "shared" / "data"))
 needs_real_data = pytest.mark.skipif(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lightning.pytorch import Callback
 
-from bn_lightning.resume import StopAndResume
+from bn_lightning.training.resume import StopAndResume
 
 
 class PauseAtStep(Callback):

@@ -17,9 +17,9 @@ from torch import nn
 
 from bn_lightning import callbacks as cb
 from bn_lightning.nn import batchnorm as scratch
-from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
-from bn_lightning.module import Classifier
+from bn_lightning.training.module import Classifier
 from helpers import REPO
 
 BLOCKS = ("conv1", "conv2", "fc1", "fc2")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from bn_lightning.cli import main
+from bn_lightning.training.cli import main
 from helpers import CONFIGS, DEFAULTS, REPO, SHARED_DATA, needs_real_data, run_cli, scalars
 
 RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))

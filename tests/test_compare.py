@@ -14,7 +14,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bn_lightning import compare
-from bn_lightning.cli import main
+from bn_lightning.training.cli import main
 from helpers import CONFIGS, SHARED_DATA, needs_real_data
 
 

@@ -7,10 +7,10 @@ import torch
 import yaml
 from lightning.pytorch import Callback, Trainer
 
-from bn_lightning import _private
-from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.training import _private
+from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
-from bn_lightning.module import COMPILE_MODES, Classifier
+from bn_lightning.training.module import COMPILE_MODES, Classifier
 from helpers import REPO, frequent_logging_callbacks, run_cli, scalars
 
 # 160 training images in batches of 24: 6 full batches and a short one of 16 an epoch; 40 to validate, 60 to test.

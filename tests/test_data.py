@@ -12,8 +12,8 @@ import yaml
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from bn_lightning.data import DATA_ENV, RAW_FILES, FashionMNISTDataModule
-from bn_lightning.errors import CorruptDataError, DataNotFoundError, DataSizeError
+from bn_lightning.training.data import DATA_ENV, RAW_FILES, FashionMNISTDataModule
+from bn_lightning.training.errors import CorruptDataError, DataNotFoundError, DataSizeError
 from helpers import CONFIGS, SHARED_DATA, needs_real_data, write_fashion_mnist, write_idx
 
 
@@ -184,7 +184,7 @@ def test_on_device_with_a_cpu_trainer_trains_on_the_same_batches(tiny_data, tmp_
     from lightning.pytorch import Trainer
 
     from bn_lightning.nn.lenet import LeNet
-    from bn_lightning.module import Classifier
+    from bn_lightning.training.module import Classifier
 
     states = []
     for on_device in (False, True):
@@ -226,7 +226,7 @@ def test_the_data_folder_is_data_first_then_the_environment(tmp_path, monkeypatc
 
 
 def test_the_cli_records_the_data_folder_it_used(tmp_path, monkeypatch, tiny_data):
-    from bn_lightning.cli import main
+    from bn_lightning.training.cli import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(DATA_ENV, str(tiny_data))
@@ -238,7 +238,7 @@ def test_the_cli_records_the_data_folder_it_used(tmp_path, monkeypatch, tiny_dat
 
 
 def test_the_default_data_folder_is_data_when_it_holds_fashion_mnist_else_the_environments(tmp_path, monkeypatch):
-    from bn_lightning.data import DATA_ENV, default_data_dir
+    from bn_lightning.training.data import DATA_ENV, default_data_dir
 
     monkeypatch.delenv(DATA_ENV, raising=False)
     assert default_data_dir(tmp_path) == str(tmp_path / "data")  # nothing says where: downloads go there

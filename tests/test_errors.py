@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from bn_lightning.cli import main
+from bn_lightning.training.cli import main
 from helpers import REPO, run_cli, write_fashion_mnist
 
 TINY_RUN = ["--config", str(REPO / "configs" / "lenet_no_bn.yaml"), "--data.val_size=40", "--data.batch_size=32",

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
-from bn_lightning.errors import NonFiniteLossError
-from bn_lightning.module import Classifier
+from bn_lightning.training.errors import NonFiniteLossError
+from bn_lightning.training.module import Classifier
 from helpers import CONFIGS
 
 
@@ -58,7 +58,7 @@ def test_hyperparameters_describe_the_network_without_holding_it():
 def test_a_checkpoint_of_a_cli_run_loads_on_its_own(tiny_data, tmp_path):
     """The network's description in the hyperparameters is what LightningCLI's config says, so
     ``Classifier.load_from_checkpoint`` rebuilds the network from the checkpoint alone."""
-    from bn_lightning.cli import main
+    from bn_lightning.training.cli import main
 
     cli = main(["fit", "--config", str(CONFIGS / "seed_adam_scratch.yaml"), f"--data.data_dir={tiny_data}",
                 "--data.batch_size=32", "--data.val_size=40", "--trainer.max_epochs=1", "--test_after_fit=false",

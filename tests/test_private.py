@@ -1,4 +1,4 @@
-"""The private details of dependencies that ``bn_lightning/_private.py`` relies on, checked against the
+"""The private details of dependencies that ``bn_lightning/training/_private.py`` relies on, checked against the
 installed versions: each test fails with the name of the function there that an upgrade broke."""
 
 import importlib.metadata
@@ -11,18 +11,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from bn_lightning import _private
-from bn_lightning.cli import _ArgumentParser
-from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.training import _private
+from bn_lightning.training.cli import _ArgumentParser
+from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
-from bn_lightning.module import Classifier
-from bn_lightning.resume import StopAndResume
+from bn_lightning.training.module import Classifier
+from bn_lightning.training.resume import StopAndResume
 
 VERSIONS = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("lightning", "jsonargparse", "torch"))
 
 
 def broken(function: str, what: str) -> str:
-    return f"bn_lightning/_private.py:{function} no longer works with {VERSIONS}: {what}"
+    return f"bn_lightning/training/_private.py:{function} no longer works with {VERSIONS}: {what}"
 
 
 def tiny_fit(data, root, callbacks, **trainer_args) -> Trainer:

@@ -10,7 +10,7 @@ from torch import nn
 from bn_lightning.nn import batchnorm as norm
 from bn_lightning.nn.lenet import LeNet
 from bn_lightning.nn.renorm import BatchRenorm1d, BatchRenorm2d, _BatchRenormFunction
-from bn_lightning.sync import BatchNormSync
+from bn_lightning.training.sync import BatchNormSync
 
 F64 = torch.float64
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), F64: dict(rtol=1e-9, atol=1e-9)}

@@ -22,11 +22,11 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from bn_lightning.data import FashionMNISTDataModule
+from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
-from bn_lightning.module import Classifier
-from bn_lightning.resume import StopAndResume
-from bn_lightning.sampling import EpochShuffle, ResumableLoader
+from bn_lightning.training.module import Classifier
+from bn_lightning.training.resume import StopAndResume
+from bn_lightning.training.sampling import EpochShuffle, ResumableLoader
 from helpers import REPO, frequent_logging_callbacks, run_cli
 from stop_points import RaiseAtStep, SignalAtStep
 

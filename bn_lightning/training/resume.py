@@ -1,6 +1,6 @@
 """Stop a run at any moment and continue it exactly where it stopped.
 
-Wired into every run by ``bn_lightning.cli``, with the training order of ``bn_lightning.sampling``:
+Wired into every run by ``bn_lightning.training.cli``, with the training order of ``bn_lightning.training.sampling``:
 
 - ``StopAndResume``: on SIGTERM or a first Ctrl-C, training stops after the training batch (and the
   validation, when one is due) in progress, the way Lightning stops on SIGTERM, and the state at that
@@ -26,8 +26,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from bn_lightning._private import rewind_to_last_completed_batch, set_stop_requested
-from bn_lightning.errors import NonFiniteLossError
+from bn_lightning.training._private import rewind_to_last_completed_batch, set_stop_requested
+from bn_lightning.training.errors import NonFiniteLossError
 
 INTERRUPTED = "interrupted"  # checkpoints/interrupted.ckpt: the state when a run stopped early
 EXIT_CODES = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}  # as a shell reports them

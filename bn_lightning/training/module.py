@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from bn_lightning._private import has_hooks, is_logging_step
-from bn_lightning.errors import NonFiniteLossError
-from bn_lightning.trainable import Trainable, restrict_training
+from bn_lightning.training._private import has_hooks, is_logging_step
+from bn_lightning.training.errors import NonFiniteLossError
+from bn_lightning.training.trainable import Trainable, restrict_training
 
 STAGES = ("train", "val", "test")
 
@@ -59,7 +59,7 @@ class Classifier(LightningModule):
     (``val/acc``). A non-finite loss, or non-finite weights about to be checkpointed, stop
     training with :class:`NonFiniteLossError`.
 
-    ``trainable`` picks the weights that train (:mod:`bn_lightning.trainable`): ``all``, only the BN
+    ``trainable`` picks the weights that train (:mod:`bn_lightning.training.trainable`): ``all``, only the BN
     layers' (``norm``), or as many ordinary ones chosen at random (``random``, picked with
     ``trainable_seed``, by default torch's seed); ``train_head`` adds the output layer to the last two.
     ``lr_scheduler``, when given, is stepped once per epoch (``model.lr_scheduler`` in a config).

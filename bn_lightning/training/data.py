@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset, random_split
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.utils import extract_archive
 
-from bn_lightning.errors import CorruptDataError, DataNotFoundError, DataSizeError
-from bn_lightning.sampling import ResumableLoader
+from bn_lightning.training.errors import CorruptDataError, DataNotFoundError, DataSizeError
+from bn_lightning.training.sampling import ResumableLoader
 
 RAW_FILES = (
     "train-images-idx3-ubyte",

@@ -27,7 +27,7 @@ def set_stop_requested(trainer: Trainer, requested: bool) -> None:
 
 def rewind_to_last_completed_batch(checkpoint: dict, completed: int) -> None:
     """Make ``checkpoint``, taken inside a training batch, resume at that batch's start, as Lightning's
-    counters do: the train loader's saved position (``bn_lightning.sampling.ResumableLoader``) goes back
+    counters do: the train loader's saved position (``bn_lightning.training.sampling.ResumableLoader``) goes back
     to the ``completed`` batches, and the logging step, which Lightning's restart advances by one as if
     the batch had finished, is stored one less. Lightning's checkpoint layout of the fit loop."""
     loops = checkpoint["loops"]["fit_loop"]

@@ -17,12 +17,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from bn_lightning._private import known_subclasses
-from bn_lightning.data import FashionMNISTDataModule, default_data_dir
-from bn_lightning.errors import CLEAR_ERRORS
-from bn_lightning.module import Classifier
-from bn_lightning.resume import EXIT_CODES, StopAndResume, find_last_checkpoint, run_folders
-from bn_lightning.sync import BatchNormSync
+from bn_lightning.training._private import known_subclasses
+from bn_lightning.training.data import FashionMNISTDataModule, default_data_dir
+from bn_lightning.training.errors import CLEAR_ERRORS
+from bn_lightning.training.module import Classifier
+from bn_lightning.training.resume import EXIT_CODES, StopAndResume, find_last_checkpoint, run_folders
+from bn_lightning.training.sync import BatchNormSync
 
 # What every run shares; a run config says only what differs (configs/*.yaml).
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
