@@ -1,7 +1,7 @@
 """The module paths of release 0.1, before the package was layered, kept importable for one release.
 
 Every run folder's ``config.yaml`` and checkpoint of 0.1 names classes by those paths
-(``bn_lightning.model.LeNet``, ``bn_lightning.probes.GradientICS``...). Importing an old path gives the
+(``bn_lightning.model.LeNet``, ``bn_lightning.callbacks.GradientICS``...). Importing an old path gives the
 module that now holds its names, with a ``FutureWarning`` that names the new path.
 """
 

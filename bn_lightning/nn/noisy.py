@@ -10,7 +10,7 @@ distributions still, this layer would lose that help. Evaluation adds no noise.
 
 The noise of step ``t`` comes from a generator seeded with ``(noise_seed, t)``, not from torch's global
 generator: a network built with it starts with the same weights as one built with plain BN, and a probe
-that runs the same step again (``bn_lightning.probes.GradientICS``) sees the same noise.
+that runs the same step again (``bn_lightning.callbacks.GradientICS``) sees the same noise.
 """
 
 from __future__ import annotations

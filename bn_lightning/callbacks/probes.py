@@ -26,7 +26,8 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bn_lightning.callbacks import _EveryNSteps, _log_scalars
+from bn_lightning.callbacks.base import EveryNSteps
+from bn_lightning.callbacks.tensorboard import log_scalars
 
 State = dict[str, Tensor]
 
@@ -62,7 +63,7 @@ def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1).double() for t in tensors])
 
 
-class _OneStepProbe(_EveryNSteps):
+class _OneStepProbe(EveryNSteps):
     """Keeps the network's state and the batch as a logged step starts, for ``_measure`` when it ends."""
 
     def __init__(self, every_n_steps: int) -> None:
@@ -70,7 +71,7 @@ class _OneStepProbe(_EveryNSteps):
         self._before: tuple[int, State, State, object] | None = None
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        step = self._take_step(trainer)
+        step = self.take_step(trainer)
         self._before = None if step is None else (step, *snapshot(pl_module.net), batch)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
@@ -78,7 +79,7 @@ class _OneStepProbe(_EveryNSteps):
             return
         step, params, buffers, batch = self._before
         self._before = None
-        _log_scalars(trainer, self._measure(trainer, pl_module.net, params, buffers, batch), step)
+        log_scalars(trainer, self._measure(trainer, pl_module.net, params, buffers, batch), step)
 
     def _measure(self, trainer: Trainer, net: nn.Module, params: State, buffers: State, batch) -> dict[str, float]:
         raise NotImplementedError
@@ -172,7 +173,7 @@ def effective_rank(rows: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-class RepresentationProbe(_EveryNSteps):
+class RepresentationProbe(EveryNSteps):
     """Collapse of the representations, at step 0 and every ``every_n_steps``: the network, as it trains
     (training mode, batch statistics), runs a fixed batch, the first ``num_images`` validation images.
     Logs per layer ``collapse/<layer>/cosine`` (mean pairwise cosine of the images' outputs) and
@@ -201,9 +202,9 @@ class RepresentationProbe(_EveryNSteps):
         self._batch = (torch.cat(images)[: self.num_images].to(device), torch.cat(labels)[: self.num_images].to(device))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        step = self._take_step(trainer)
+        step = self.take_step(trainer)
         if step is not None:
-            _log_scalars(trainer, self.measure(pl_module.net), step)
+            log_scalars(trainer, self.measure(pl_module.net), step)
 
     def measure(self, net: nn.Module) -> dict[str, float]:
         params, buffers = snapshot(net)

@@ -1,0 +1,19 @@
+"""What observes training, as Lightning callbacks: monitors of BN and activations, TensorBoard's side-by-side
+layout, the probes of why BN helps, precise BN and LSUV.
+
+Imports ``bn_lightning.nn`` and ``bn_lightning.training``; the monitors find what they watch by type
+(``find_layers``), so they work in any LightningModule, not only around our networks.
+"""
+
+from bn_lightning.callbacks.base import EveryNSteps, LayerMonitor, block_name, channel_subset, find_layers
+from bn_lightning.callbacks.lsuv import LSUV
+from bn_lightning.callbacks.monitors import ACTIVATIONS, PERCENTILES, ActivationMonitor, BatchNormMonitor, ExamplesPerSecond
+from bn_lightning.callbacks.precise_bn import PreciseBN
+from bn_lightning.callbacks.probes import GradientICS, LandscapeProbe, RepresentationProbe, WeightNormMonitor
+from bn_lightning.callbacks.tensorboard import TensorBoardComparison
+
+__all__ = [
+    "ACTIVATIONS", "PERCENTILES", "ActivationMonitor", "BatchNormMonitor", "EveryNSteps", "ExamplesPerSecond",
+    "GradientICS", "LSUV", "LandscapeProbe", "LayerMonitor", "PreciseBN", "RepresentationProbe",
+    "TensorBoardComparison", "WeightNormMonitor", "block_name", "channel_subset", "find_layers",
+]
