@@ -13,7 +13,7 @@ epoch, on the 10,000 test images:
   (and the running statistics overwritten as it goes). It runs last, so the other two see the running
   statistics as training left them; training itself never reads them;
 * eval: eval mode and no_grad, with those running statistics (the new batch weighted 0.9);
-* precise: eval after bn_lightning.precise_bn.update_bn_stats over --precise-images training images
+* precise: eval after bn_lightning.nn.precise_bn.update_bn_stats over --precise-images training images
   (a fixed random subset, batches of 16), on a copy of the network. update_bn_stats finds BN layers by
   class, ours and torch's, and cannot see the blog's layer: this column is torch's BN's alone.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from bn_lightning.blog import BATCH_SIZE as BATCH, EPOCHS, LR, batches, blog_lenet, load_fashion_mnist, test, train_epoch
-from bn_lightning.precise_bn import update_bn_stats
+from bn_lightning.nn.precise_bn import update_bn_stats
 from common import add_blog_arguments, markdown_table, write_run_results
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "blog_oom"

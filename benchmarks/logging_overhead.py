@@ -8,7 +8,7 @@ sets them; "off" runs get none; both log to TensorBoard as a run does. The two a
 (on, off, off, on, ...) so that drifts in machine load hit both alike, after one short warm-up fit.
 Validation is off, so an epoch is training only. Prints the median seconds per epoch of each and
 their ratio (the target is at most 1.05). ``--probes`` also times each measurement callback of
-bn_lightning/probes.py on top of them, at the interval the comparisons that use it set (its ratio is to
+bn_lightning/callbacks/probes.py on top of them, at the interval the comparisons that use it set (its ratio is to
 "on"). Writes benchmarks/results/logging_overhead.json and .md.
 """
 
@@ -30,7 +30,7 @@ import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from bn_lightning import probes
+from bn_lightning.callbacks import probes
 from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
 from bn_lightning.training.module import Classifier

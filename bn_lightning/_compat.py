@@ -28,6 +28,9 @@ MOVED = {
     "bn_lightning.errors": "bn_lightning.training.errors",
     "bn_lightning._private": "bn_lightning.training._private",
     "bn_lightning.trainable": "bn_lightning.training.trainable",
+    "bn_lightning.probes": "bn_lightning.callbacks.probes",
+    "bn_lightning.precise_bn": "bn_lightning.callbacks.precise_bn",  # update_bn_stats: bn_lightning.nn.precise_bn
+    "bn_lightning.initialization": "bn_lightning.callbacks.lsuv",  # lsuv_: bn_lightning.nn.lsuv
 }
 
 

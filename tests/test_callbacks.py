@@ -16,6 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from bn_lightning import callbacks as cb
+from bn_lightning.callbacks import tensorboard
+from bn_lightning.nn.batchnorm import BATCH_NORMS
 from bn_lightning.nn import batchnorm as scratch
 from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
@@ -61,7 +63,7 @@ class RecordInputs(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
-        for kind, types in (("bn", cb.BATCH_NORMS), ("act", cb.ACTIVATIONS)):
+        for kind, types in (("bn", BATCH_NORMS), ("act", cb.ACTIVATIONS)):
             for name, layer in cb.find_layers(pl_module, types, "norm" if kind == "bn" else "act").items():
                 def record(layer, inputs, key=(step, kind, name)):
                     self.inputs[key] = inputs[0].detach().clone()
@@ -89,13 +91,13 @@ def test_every_batch_norm_is_found_by_type_ours_and_torchs():
         head=nn.Sequential(OrderedDict(flat=nn.Flatten(), norm=nn.LayerNorm(4), fc=nn.Linear(4, 3), bn=nn.BatchNorm1d(3))),
         deep=scratch.BatchNorm3d(2),
     ))
-    found = cb.find_layers(net, cb.BATCH_NORMS, "norm")
+    found = cb.find_layers(net, BATCH_NORMS, "norm")
     assert {name: type(layer) for name, layer in found.items()} == {
         "stem": scratch.BatchNorm2d, "mixer": nn.BatchNorm2d, "head.bn": nn.BatchNorm1d, "deep": scratch.BatchNorm3d,
     }
     for norm in ("scratch", "torch"):
-        assert list(cb.find_layers(Classifier(LeNet(norm)), cb.BATCH_NORMS, "norm")) == list(BLOCKS)
-    assert cb.find_layers(LeNet("none"), cb.BATCH_NORMS, "norm") == {}
+        assert list(cb.find_layers(Classifier(LeNet(norm)), BATCH_NORMS, "norm")) == list(BLOCKS)
+    assert cb.find_layers(LeNet("none"), BATCH_NORMS, "norm") == {}
     assert list(cb.find_layers(Classifier(LeNet("none", "relu")), cb.ACTIVATIONS, "act")) == list(BLOCKS)
 
 
@@ -108,18 +110,18 @@ def test_narrow_layers_log_every_channel_and_wide_ones_an_even_subset():
 
 def test_histograms_bin_as_numpy_does_and_leave_out_non_finite_values():
     x = torch.randn(10_000, generator=torch.Generator().manual_seed(0))
-    histogram = cb._histogram(x)
-    counts, edges = np.histogram(x.numpy(), bins=cb.HISTOGRAM_BINS)
+    histogram = tensorboard.histogram_summary(x)
+    counts, edges = np.histogram(x.numpy(), bins=tensorboard.HISTOGRAM_BINS)
     assert histogram["bucket_limits"] == pytest.approx(edges[1:].tolist(), abs=1e-6)
     assert np.abs(np.array(histogram["bucket_counts"]) - counts).sum() <= 2  # float32 edges may tip a value over
     assert (histogram["num"], histogram["min"], histogram["max"]) == (10_000, x.min().item(), x.max().item())
     assert histogram["sum"] == pytest.approx(x.sum().item(), rel=1e-5)
     assert histogram["sum_squares"] == pytest.approx(x.square().sum().item(), rel=1e-5)
-    assert cb._histogram(torch.cat([x, torch.tensor([math.nan, math.inf, -math.inf])])) == histogram
-    assert cb._histogram(torch.tensor([math.nan, math.inf])) is None
+    assert tensorboard.histogram_summary(torch.cat([x, torch.tensor([math.nan, math.inf, -math.inf])])) == histogram
+    assert tensorboard.histogram_summary(torch.tensor([math.nan, math.inf])) is None
 
-    constant = cb._histogram(torch.full((4,), 2.0))  # gamma at initialization: one value
-    counts, edges = np.histogram(np.full(4, 2.0), bins=cb.HISTOGRAM_BINS)
+    constant = tensorboard.histogram_summary(torch.full((4,), 2.0))  # gamma at initialization: one value
+    counts, edges = np.histogram(np.full(4, 2.0), bins=tensorboard.HISTOGRAM_BINS)
     assert constant["bucket_limits"] == pytest.approx(edges[1:].tolist())
     assert constant["bucket_counts"] == counts.tolist() and constant["min"] == constant["max"] == 2.0
 
@@ -267,7 +269,7 @@ class WatchInputsDie(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == 1:
             for layer in pl_module.modules():
-                if isinstance(layer, cb.BATCH_NORMS + cb.ACTIVATIONS):
+                if isinstance(layer, BATCH_NORMS + cb.ACTIVATIONS):
                     self.handles.append(layer.register_forward_pre_hook(lambda m, inputs: self.refs.append(weakref.ref(inputs[0].untyped_storage()))))
         if trainer.global_step == 2:
             gc.collect()
@@ -304,7 +306,7 @@ def test_examples_per_second_counts_only_time_between_training_batches(tiny_data
             return self.now
 
     clock = Clock()
-    monkeypatch.setattr(cb, "perf_counter", clock)
+    monkeypatch.setattr(cb.monitors, "perf_counter", clock)
     speed = cb.ExamplesPerSecond(every_n_steps=2)
     trainer, _ = fit(tiny_data, tmp_path, LeNet("none"), [PauseBetweenEpochs(clock), speed], max_steps=7)
     # 32 images each 0.25 s; step 0 starts the clock, step 5 (an epoch's first batch) restarts it.

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bn_lightning import Classifier, LeNet
-from bn_lightning.initialization import LSUV, lsuv_
+from bn_lightning.callbacks.lsuv import LSUV, lsuv_
 from bn_lightning.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
 from bn_lightning.nn.batchnorm import BATCH_NORMS, BatchNorm2d
 

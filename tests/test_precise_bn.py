@@ -14,7 +14,8 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from bn_lightning import Classifier, FashionMNISTDataModule, LeNet
-from bn_lightning.precise_bn import PreciseBN, update_bn_stats
+from bn_lightning.callbacks import PreciseBN
+from bn_lightning.nn.precise_bn import update_bn_stats
 from tests.helpers import scalars
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from bn_lightning import Classifier, FashionMNISTDataModule, LeNet
-from bn_lightning import probes
+from bn_lightning.callbacks import probes
 from tests.helpers import scalars
 
 LAYERS = ["conv1", "conv2", "fc1", "fc2", "head"]
