@@ -31,6 +31,7 @@ MOVED = {
     "bn_lightning.probes": "bn_lightning.callbacks.probes",
     "bn_lightning.precise_bn": "bn_lightning.callbacks.precise_bn",  # update_bn_stats: bn_lightning.nn.precise_bn
     "bn_lightning.initialization": "bn_lightning.callbacks.lsuv",  # lsuv_: bn_lightning.nn.lsuv
+    "bn_lightning.results": "bn_lightning.compare.results",  # its functions now take the results folder
 }
 
 

@@ -250,7 +250,7 @@ def test_a_slurm_setting_submitit_does_not_know_is_refused_before_submitting(tmp
 def test_on_slurm_a_failing_job_is_reported_and_a_rerun_redoes_only_it(tiny_data, tmp_path, monkeypatch, capsys):
     """The Slurm launcher end to end, each job a process here: submitit's local cluster instead of Slurm."""
     fake_slurm(tmp_path, monkeypatch)
-    monkeypatch.setattr(compare, "slurm_executor", functools.partial(compare.slurm_executor, cluster="local"))
+    monkeypatch.setattr(compare.cli, "slurm_executor", functools.partial(compare.slurm_executor, cluster="local"))
     path = write_comparison(tmp_path, tiny_data, grid={"model.net.init_args.norm": ["none", "bogus"]},
                             configs=[str(CONFIGS / "lenet_no_bn.yaml")], slurm={"cpus_per_task": 1})
     out = tmp_path / "out"

@@ -1,4 +1,4 @@
-"""bn_lightning.results: the notebooks' reader of a comparison's results folder, against the files it reads."""
+"""bn_lightning.compare.results: the notebooks' reader of a comparison's results folder, against the files it reads."""
 
 import csv
 import math
@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from bn_lightning import results
+from bn_lightning.compare import results
 
 
 @pytest.fixture
@@ -25,19 +25,20 @@ def folder(tmp_path):
 
 
 def test_the_figures_of_each_group_read_per_seed_with_an_empty_cell_as_nan(folder):
-    assert results.have("demo", folder)
-    found = results.figure_of("demo", "final_val_acc", folder)
+    assert results.have(folder / "demo")
+    found = results.figure_of(folder / "demo", "final_val_acc")
     assert found["bn"] == [0.8, 0.9] and math.isnan(found["no_bn"][0])
     assert results.pm(found["bn"], 2) == f"0.85 ± {statistics.stdev([0.8, 0.9]):.2f}"
     assert results.pm(found["no_bn"]) == "-"
+    assert results.pm([0.5]) == "0.500"  # one seed has a mean and no spread, not "± nan"
 
 
 def test_a_series_is_per_seed_and_its_mean_curve_keeps_the_steps_every_seed_logged(folder):
-    per_seed = results.series("demo", folder)["bn", "x"]
+    per_seed = results.series(folder / "demo")["bn", "x"]
     assert per_seed == {0: [(0, 1.0), (10, 2.0)], 1: [(0, 3.0), (10, 6.0), (20, 7.0)]}
     assert results.mean_curve(per_seed) == ([0, 10], [2.0, 4.0], [1.0, 2.0], [3.0, 6.0])
 
 
 def test_a_missing_comparison_says_which_command_makes_it(tmp_path, capsys):
-    assert not results.have("ics", tmp_path)
+    assert not results.have(tmp_path / "ics")
     assert "python -m bn_lightning.compare configs/compare/ics.yaml" in capsys.readouterr().out

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from bn_lightning.training._private import has_hooks, is_logging_step
-from bn_lightning.training.errors import NonFiniteLossError
+from bn_lightning.training.errors import DIVERGED_TAG, NonFiniteLossError
 from bn_lightning.training.trainable import Trainable, restrict_training
 
 STAGES = ("train", "val", "test")
@@ -187,6 +187,8 @@ class Classifier(LightningModule):
         no_norm = self.hparams.net["init_args"].get("norm") == "none"
         normalize = " or by normalizing (model.net.init_args.norm: scratch or torch)" if no_norm else ""
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        for logger in self.loggers:  # Lightning finalizes (flushes) them when fit ends on the error
+            logger.log_metrics({DIVERGED_TAG: step}, step=step)
         raise NonFiniteLossError(
             f"training diverged at step {step} (epoch {epoch}, batch {batch_idx}): the loss is {loss.item()}{weights}.\n"
             "The run stops here; the checkpoints written before this step hold the last good weights.\n"

@@ -1,0 +1,5 @@
+import sys
+
+from bn_lightning.compare.cli import main
+
+sys.exit(main())

@@ -1,0 +1,99 @@
+"""The figures of a finished run, read from its TensorBoard events with TensorBoard's own reader, and their
+summary per group over seeds."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import statistics
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bn_lightning.compare.stats import mean_std
+from bn_lightning.compare.spec import Comparison, Run
+from bn_lightning.training.errors import DIVERGED_TAG
+
+PERCENTILES = (15, 50, 85)
+RESULT_FILE = "result.json"
+FIGURES = ("final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch", "bn_mean_gap",
+           "diverged_at_step")
+GAP_LOGS = 5  # bn_mean_gap averages a run's last this many logs
+
+
+def events_of(folder: Path) -> EventAccumulator:
+    """Every scalar event of a run folder, loaded."""
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return events
+
+
+def scalars_of(events: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of ``tag``, none when it was never logged."""
+    return [(e.step, e.value) for e in series_events(events, tag)]
+
+
+def diverged_at(events: EventAccumulator) -> int | None:
+    """The step at which the run's training diverged (its loss or weights not finite), or None."""
+    logged = scalars_of(events, DIVERGED_TAG)
+    return int(logged[-1][1]) if logged else None
+
+
+def read_run(folder: Path, comparison: Comparison) -> dict:
+    """The figures of one finished run, from its TensorBoard event file. A run that diverged has no final
+    or test accuracy (its weights are not finite), only the epochs it validated before."""
+    events = events_of(folder)
+
+    def series(tag: str) -> list[tuple[int, float]]:
+        return scalars_of(events, tag)
+
+    diverged = diverged_at(events)
+    val = series("val/acc")
+    if not val and diverged is None:
+        raise RuntimeError(f"{folder}: no val/acc in the events; did validation run?")
+    test = series("test/acc")
+    epoch_ends = [e.wall_time for e in series_events(events, "train/acc_epoch")]
+    starts = [events.FirstEventTimestamp(), *epoch_ends[:-1]]
+    reached = [step for step, value in val if value >= comparison.threshold]
+    gaps = [series(tag)[-GAP_LOGS:] for tag in events.Tags()["scalars"] if tag.startswith("bn/") and tag.endswith("/mean_gap")]
+    layer = comparison.percentile_layer
+    return {
+        "final_val_acc": val[-1][1] if diverged is None else math.nan,
+        "test_acc": test[-1][1] if test and diverged is None else math.nan,
+        "best_val_acc": max((value for _, value in val), default=math.nan),
+        "step_to_threshold": reached[0] if reached else None,
+        "seconds_per_epoch": statistics.median(end - start for start, end in zip(starts, epoch_ends)) if epoch_ends else math.nan,
+        # How far batch means sit from the running means evaluation uses: noise that grows as batches shrink.
+        "bn_mean_gap": statistics.fmean(value for gap in gaps for _, value in gap) if gaps else math.nan,
+        "val_acc": val,
+        "percentiles": {f"p{p}": series(f"act/{layer}/unit/p{p}") for p in PERCENTILES},
+        "series": {tag: series(tag) for tag in sorted(events.Tags()["scalars"])
+                   if any(fnmatch.fnmatchcase(tag, pattern) for pattern in comparison.series)},
+        "diverged_at_step": diverged,
+    }
+
+
+def series_events(events: EventAccumulator, tag: str) -> list:
+    return events.Scalars(tag) if tag in events.Tags()["scalars"] else []
+
+
+def by_group(comparison: Comparison, results: dict[Run, dict]) -> dict[str, list[dict]]:
+    """The results of each group's finished seeds, groups and seeds in the matrix's order."""
+    groups: dict[str, list[dict]] = {}
+    for run in comparison.runs():
+        if run in results:
+            groups.setdefault(run.group, []).append(results[run])
+    return groups
+
+
+def summarize(comparison: Comparison, results: dict[Run, dict]) -> list[dict]:
+    """Per group: mean and std over its seeds of every figure, and how many seeds reached the threshold."""
+    rows = []
+    for group, runs in by_group(comparison, results).items():
+        row = {"group": group, "seeds": len(runs)}
+        for figure in FIGURES:
+            row[f"{figure}_mean"], row[f"{figure}_std"] = mean_std([r[figure] for r in runs])
+        row["reached_threshold"] = sum(r["step_to_threshold"] is not None for r in runs)
+        row["diverged"] = sum(r["diverged_at_step"] is not None for r in runs)
+        rows.append(row)
+    return rows

@@ -1,0 +1,51 @@
+"""Reading a comparison's results folder (``results/<name>/``, written by ``python -m bn_lightning.compare``)
+for the notebooks and the generated docs pages.
+
+``runs.csv`` has one row per run (group, seed and its figures); ``series.csv`` one row per logged point of
+the series the comparison keeps (group, seed, tag, step, value). Every function takes the folder itself:
+where results live is the caller's to say, not a path computed from this package's file.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from bn_lightning.compare.report import plot_band
+from bn_lightning.compare.stats import Series, mean_curve, mean_std, pm
+
+__all__ = ["Series", "figure_of", "have", "mean_curve", "mean_std", "plot_band", "pm", "runs", "series"]
+
+
+def have(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished comparison; if not, prints the command that makes it."""
+    folder = Path(folder)
+    if (folder / "runs.csv").exists():
+        return True
+    print(f"{folder.name} has no results yet: python -m bn_lightning.compare configs/compare/{folder.name}.yaml "
+          f"--workers 2 --out results/{folder.name}")
+    return False
+
+
+def runs(folder: Path) -> list[dict[str, str]]:
+    with open(Path(folder) / "runs.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def series(folder: Path) -> dict[tuple[str, str], Series]:
+    """{(group, tag): {seed: [(step, value), ...]}}, steps in the order logged."""
+    found: dict[tuple[str, str], Series] = defaultdict(lambda: defaultdict(list))
+    with open(Path(folder) / "series.csv") as f:
+        for row in csv.DictReader(f):
+            found[row["group"], row["tag"]][int(row["seed"])].append((int(row["step"]), float(row["value"])))
+    return found
+
+
+def figure_of(folder: Path, figure: str) -> dict[str, list[float]]:
+    """{group: [value per seed]} of one column of runs.csv; an empty cell (no value) reads as nan."""
+    found: dict[str, list[float]] = defaultdict(list)
+    for row in runs(folder):
+        found[row["group"]].append(float(row[figure]) if row[figure] not in ("", "None") else math.nan)
+    return dict(found)
