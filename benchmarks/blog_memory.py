@@ -6,7 +6,7 @@
 The blog's loop (bn_lightning.blog: Adam lr 0.01, batches of 16, test() after every epoch) runs in six
 variants: as written; test() with net.eval() and torch.no_grad(), with torch.no_grad() alone, with
 net.eval() alone; the blog's layer with .detach() on its new running statistics; torch's BN. The whole
-loop runs under bn_lightning.saved_tensors.SavedTensors, which records the bytes of the tensors autograd
+loop runs under bn_lightning.blog.memory.SavedTensors, which records the bytes of the tensors autograd
 saved that some graph still holds, after every test batch and every epoch, with the RSS (and
 torch.cuda.memory_allocated on cuda) beside them, each as growth since the variant began.
 
@@ -34,7 +34,7 @@ import torch
 from bn_lightning.blog import BATCH_SIZE as BATCH
 from bn_lightning.blog import EPOCHS as BLOG_EPOCHS
 from bn_lightning.blog import LR, BlogBatchNorm, blog_lenet, load_fashion_mnist, test, train_epoch
-from bn_lightning.saved_tensors import SavedTensors, rss_bytes
+from bn_lightning.blog.memory import SavedTensors, rss_bytes
 from common import add_blog_arguments, markdown_table, write_run_results
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "blog_oom"

@@ -1,9 +1,9 @@
-"""Resident memory over many LeNet training steps: our BN stays flat, the tutorial's grows.
+"""Resident memory over many LeNet training steps: our BN stays flat, the blog's layer grows.
 
-    python benchmarks/memory.py [--steps 1000] [--tutorial-steps 100] [--batch-size 256]
+    python benchmarks/memory.py [--steps 1000] [--blog-steps 100] [--batch-size 256]
 
 Our layer trains for --steps steps and the process's RSS is sampled as it goes; it must be flat
-after warm-up. The tutorial's layer (running statistics computed from tensors that keep their
+after warm-up. The blog's layer (``bn_lightning.blog.BlogBatchNorm``: running statistics computed from tensors that keep their
 autograd history, so every step's graph stays reachable from the buffers) runs a shorter while,
 enough to show it grows by megabytes a step. Writes benchmarks/results/memory.json and memory.md.
 """
@@ -18,36 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bn_lightning.blog import BlogBatchNorm, rss_bytes
 from bn_lightning.nn.lenet import LeNet
 from common import markdown_table, write_results
 
 
-class LeakingTutorialBatchNorm(nn.Module):
-    """The tutorial's bug, verbatim in spirit: moving statistics carry autograd history."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.gamma, self.beta = nn.Parameter(torch.ones(num_features)), nn.Parameter(torch.zeros(num_features))
-        self.moving_mean, self.moving_var = torch.zeros(num_features), torch.ones(num_features)
-
-    def forward(self, x):
-        dims = [0, *range(2, x.dim())]
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean, var = x.mean(dims), x.var(dims, correction=0)
-        self.moving_mean = 0.9 * self.moving_mean + 0.1 * mean  # no detach: the graph stays reachable
-        self.moving_var = 0.9 * self.moving_var + 0.1 * var
-        x_hat = (x - mean.view(shape)) / (var.view(shape) + 1e-5).sqrt()
-        return self.gamma.view(shape) * x_hat + self.beta.view(shape)
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def with_tutorial_bn(net: LeNet) -> LeNet:
-    for block in (net.conv1, net.conv2, net.fc1, net.fc2):
-        block.norm = LeakingTutorialBatchNorm(block.norm.num_features)
+def with_blog_bn(net: LeNet) -> LeNet:
+    """LeNet with the blog's layer, weighting the new batch by 0.1 as ours does, its statistics not detached."""
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        block = getattr(net, name)
+        block.norm = BlogBatchNorm(block.norm.num_features, 4 if name.startswith("conv") else 2, alpha=0.1)
     return net
 
 
@@ -61,21 +41,21 @@ def train(net: nn.Module, steps: int, batch_size: int, every: int) -> list[tuple
         F.cross_entropy(net(x), y).backward()
         optimizer.step()
         if step % every == 0:
-            samples.append((step, rss_mib()))
+            samples.append((step, rss_bytes() / 2**20))
     return samples
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--tutorial-steps", type=int, default=100)
+    parser.add_argument("--blog-steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args()
 
     runs = {
         "ours": train(LeNet("scratch"), args.steps, args.batch_size, every=max(1, args.steps // 20)),
-        "tutorial": train(with_tutorial_bn(LeNet("scratch")), args.tutorial_steps, args.batch_size,
-                          every=max(1, args.tutorial_steps // 10)),
+        "blog": train(with_blog_bn(LeNet("scratch")), args.blog_steps, args.batch_size,
+                      every=max(1, args.blog_steps // 10)),
     }
     rows, table = [], []
     for layer, samples in runs.items():

@@ -32,6 +32,7 @@ MOVED = {
     "bn_lightning.precise_bn": "bn_lightning.callbacks.precise_bn",  # update_bn_stats: bn_lightning.nn.precise_bn
     "bn_lightning.initialization": "bn_lightning.callbacks.lsuv",  # lsuv_: bn_lightning.nn.lsuv
     "bn_lightning.results": "bn_lightning.compare.results",  # its functions now take the results folder
+    "bn_lightning.saved_tensors": "bn_lightning.blog.memory",
 }
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from bn_lightning.blog import BlogBatchNorm, blog_lenet, load_fashion_mnist, train_epoch
 from bn_lightning.blog import test as blog_test  # imported as test, pytest would collect it
-from bn_lightning.saved_tensors import SavedTensors
+from bn_lightning.blog.memory import SavedTensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from blog_memory import saved_by_one_forward  # noqa: E402

@@ -132,16 +132,16 @@ def test_the_saved_config_reruns_the_run_from_its_folder_alone(tiny_data, tmp_pa
     logs the same losses step by step."""
     args = ["--data.batch_size=32", "--data.val_size=40", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
             "--trainer.enable_progress_bar=false", "--test_after_fit=false", "--seed_everything=7"]
-    first = run_cli("fit", "--config", str(CONFIGS / "seed_adam_scratch.yaml"), f"--data.data_dir={tiny_data}", *args,
+    first = run_cli("fit", "--config", str(CONFIGS / "blog_adam_scratch.yaml"), f"--data.data_dir={tiny_data}", *args,
                     cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    run_dir = tmp_path / "lightning_logs" / "seed_adam_bn_scratch" / "version_0"
+    run_dir = tmp_path / "lightning_logs" / "blog_adam_bn_scratch" / "version_0"
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert (saved["seed_everything"], saved["data"]["shuffle_seed"], saved["weights_only"]) == (7, 7, True)
     (tmp_path / "again").mkdir()
     again = run_cli("fit", "--config", str(run_dir / "config.yaml"), cwd=tmp_path / "again")
     assert again.returncode == 0, again.stderr[-3000:]
-    rerun = scalars(tmp_path / "again" / "lightning_logs" / "seed_adam_bn_scratch" / "version_0")
+    rerun = scalars(tmp_path / "again" / "lightning_logs" / "blog_adam_bn_scratch" / "version_0")
     assert len(rerun["train/loss_step"]) == 10
     assert rerun["train/loss_step"] == scalars(run_dir)["train/loss_step"]
 

@@ -60,7 +60,7 @@ def test_a_checkpoint_of_a_cli_run_loads_on_its_own(tiny_data, tmp_path):
     ``Classifier.load_from_checkpoint`` rebuilds the network from the checkpoint alone."""
     from bn_lightning.training.cli import main
 
-    cli = main(["fit", "--config", str(CONFIGS / "seed_adam_scratch.yaml"), f"--data.data_dir={tiny_data}",
+    cli = main(["fit", "--config", str(CONFIGS / "blog_adam_scratch.yaml"), f"--data.data_dir={tiny_data}",
                 "--data.batch_size=32", "--data.val_size=40", "--trainer.max_epochs=1", "--test_after_fit=false",
                 f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
                 "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]"])

@@ -2,13 +2,13 @@
 
 import inspect
 import itertools
-import os
 import sys
 
 import pytest
 import torch
 from torch import nn
 
+from bn_lightning.blog import BlogBatchNorm, rss_bytes
 from bn_lightning.nn import batchnorm as norm
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-9)}
@@ -135,26 +135,6 @@ def test_running_stats_carry_no_autograd_history():
         assert buf.grad_fn is None and not buf.requires_grad
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class TutorialBatchNorm(nn.Module):
-    """The tutorial's bug, for contrast: running stats computed from tensors with history."""
-
-    def __init__(self, num_features):
-        super().__init__()
-        self.gamma, self.beta = nn.Parameter(torch.ones(num_features)), nn.Parameter(torch.zeros(num_features))
-        self.moving_mean, self.moving_var = torch.zeros(num_features), torch.ones(num_features)
-
-    def forward(self, x):
-        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), correction=0)
-        self.moving_mean = 0.9 * self.moving_mean + 0.1 * mean
-        self.moving_var = 0.9 * self.moving_var + 0.1 * var
-        return self.gamma.view(1, -1, 1, 1) * (x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + 1e-5).sqrt()
-
-
 def _rss_growth_over_training(layer, steps=150):
     conv = nn.Conv2d(1, 6, 5)
     params = list(conv.parameters()) + list(layer.parameters())
@@ -166,14 +146,14 @@ def _rss_growth_over_training(layer, steps=150):
         layer(conv(x)).square().mean().backward()
         opt.step()
         if step in (steps // 3, steps - 1):
-            growth.append(_rss_bytes())
+            growth.append(rss_bytes())
     return growth[1] - growth[0]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads RSS from /proc")
 def test_memory_stays_flat_over_many_training_steps():
-    # 100 steps each keeping a 64x6x24x24 float32 graph alive would add ~90 MB: the tutorial's layer does.
-    leaked = _rss_growth_over_training(TutorialBatchNorm(6))
+    # 100 steps each keeping a 64x6x24x24 float32 graph alive would add ~90 MB: the blog's layer does.
+    leaked = _rss_growth_over_training(BlogBatchNorm(6, 4, alpha=0.1))  # running stats with history
     ours = _rss_growth_over_training(norm.BatchNorm2d(6))
     assert leaked > 50e6, f"the contrast case should leak, grew {leaked / 1e6:.1f} MB"
     assert ours < 10e6, f"memory grew {ours / 1e6:.1f} MB over 100 steps"
