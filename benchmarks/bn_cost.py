@@ -4,7 +4,7 @@
 
 For each LeNet BN input, one training step of the layer alone (forward and backward, float32, CPU)
 is split into what each level of our implementation adds: the arithmetic of the forward
-(``norm._forward`` run bare), the autograd.Function around it, the module (input checks,
+(``functional._forward`` run bare), the autograd.Function around it, the module (input checks,
 ``num_batches_tracked``, buffers), and the backward. torch's layer is timed the same way in the
 same process, candidates interleaved; "aten ops" counts the operators torch.profiler sees in one
 step of each. What remains above torch's time is the floor of an implementation made of tensor
@@ -21,6 +21,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from bn_lightning.nn import batchnorm as norm
+from bn_lightning.nn import functional
 from common import median_times, report
 
 
@@ -45,8 +46,8 @@ def measure(shape: tuple[int, ...], repeats: int, number: int) -> dict:
             True, 0.1, ours.eps, None)
     function = (x, ours.weight, ours.bias, ours.running_mean, ours.running_var, True, 0.1, ours.eps, None)
     candidates = {
-        "arithmetic": lambda: norm._forward(*bare),
-        "function": lambda: norm._BatchNormFunction.apply(*function),
+        "arithmetic": lambda: functional._forward(*bare),
+        "function": lambda: functional._BatchNormFunction.apply(*function),
         "module": lambda: ours(x),
         "ours": lambda: ours(x).backward(grad_out),
         "torch": lambda: theirs(x).backward(grad_out),

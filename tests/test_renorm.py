@@ -1,6 +1,7 @@
 """Batch Renorm from scratch: gradcheck, plain BN at r_max = 1 and d_max = 0, a direct computation beyond,
 the schedule of its limits, and everything it shares with our BN (eval, state_dict, checkpoints)."""
 
+import inspect
 import io
 
 import pytest
@@ -252,11 +253,17 @@ def test_a_checkpoint_round_trip_continues_the_schedule():
     ({"r_relax_steps": -5}, r"r_relax_steps must be a number of steps, >= 0: got -5"),
     ({"track_running_stats": False}, r"corrects the batch statistics toward the running ones: it needs "
                                      r"track_running_stats=True"),
-    ({"sync": True}, r"BatchRenorm2d takes each process's own batch statistics: it cannot synchronize them"),
 ])
 def test_bad_arguments_say_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):
         BatchRenorm2d(3, **kwargs)
+
+
+def test_it_has_no_sync_option_to_refuse():
+    """Batch Renorm shares BN's parameters and buffers (_NormBase), not BN's forward and its sync option."""
+    assert "sync" not in inspect.signature(BatchRenorm2d).parameters
+    with pytest.raises(TypeError, match="sync"):
+        BatchRenorm2d(3, sync=True)
 
 
 def test_sync_batchnorm_cannot_switch_it_on_unnoticed():

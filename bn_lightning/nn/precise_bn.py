@@ -21,7 +21,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from bn_lightning.nn.batchnorm import BATCH_NORMS, _reduce_dims
+from bn_lightning.nn.batchnorm import BATCH_NORMS
+from bn_lightning.nn.functional import reduce_dims
 
 __all__ = ["batch_norm_layers", "update_bn_stats"]
 
@@ -39,7 +40,7 @@ class _Moments:
         self.count, self.mean, self.m2 = 0, None, None
 
     def add(self, x: Tensor) -> None:
-        dims = _reduce_dims(x.dim())
+        dims = reduce_dims(x.dim())
         x = x.detach().to(torch.float64)
         count = x.numel() // x.shape[1]
         mean = x.mean(dims)

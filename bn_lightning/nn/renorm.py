@@ -22,7 +22,7 @@ layers) and by averaging a variance rather than a std, which gives a slightly la
 The limits are relaxed as in the paper's experiments: plain BN for ``warmup_steps`` steps, then r_max and
 d_max grow linearly to their final values over ``r_relax_steps`` and ``d_relax_steps`` steps. The step is
 ``num_batches_tracked``, so a run resumed from a checkpoint continues the schedule. The paper's 5k
-steps of BN, r_max 3 by 40k and d_max 5 by 25k exceed our whole run (10 epochs of 215 steps at batch
+steps of BN, r_max 3 by 40k and d_max 5 by 25k exceed a whole d2l run (10 epochs of 55,000 images at batch
 256), which would stay plain BN throughout. The defaults keep its final limits and its order (d before
 r) on our scale: BN for about the first epoch, while lr 1.0 moves the weights fastest and the running
 estimates (with momentum 0.1 an average of the last ~10 batches) trail the batch's most; both limits
@@ -34,46 +34,42 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bn_lightning.nn.batchnorm import (
-    BatchNorm1d,
-    BatchNorm2d,
-    _BatchNorm,
-    _as_dtype,
-    _channel_sum,
-    _channel_sum_of_squares,
-    _channel_view,
-    _outside_autocast,
-    _scale_shift,
-    _stats_dtype,
-    _values_per_channel,
+from bn_lightning.nn.batchnorm import _NormBase
+from bn_lightning.nn.functional import (
+    as_dtype,
+    backward_sums,
+    batch_moments,
+    batch_norm,
+    input_gradient,
+    outside_autocast,
+    scale_shift,
+    stats_dtype,
+    update_running_stats_,
+    values_per_channel,
 )
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d"]
 
 
 def _forward(x, weight, bias, running_mean, running_var, r_max, d_max, momentum, eps):
-    """The training forward, as :func:`bn_lightning.nn.batchnorm._forward` takes it: the output, and the per-channel
-    mean, invstd (``1 / sigma_B``), r, d and scale (``gamma * r / sigma_B``) the backward needs."""
-    ndim, count = x.dim(), _values_per_channel(x)
-    xs = _as_dtype(x, _stats_dtype(x))
-    r_max, d_max = _as_dtype(r_max, xs.dtype), _as_dtype(d_max, xs.dtype)
-    mean = _channel_sum(xs).div_(count)
-    out = xs - _channel_view(mean, ndim)
-    sum_of_squares = _channel_sum_of_squares(out)
+    """The training forward: the output, and the per-channel mean, invstd (``1 / sigma_B``), r, d and scale
+    (``gamma * r / sigma_B``) the backward needs. BN's statistics and update (:mod:`bn_lightning.nn.functional`)."""
+    xs = as_dtype(x, stats_dtype(x))
+    r_max, d_max = as_dtype(r_max, xs.dtype), as_dtype(d_max, xs.dtype)
+    mean, out, sum_of_squares, count = batch_moments(xs)
     invstd = sum_of_squares.div(count).add_(eps).rsqrt_()
-    running_invstd = _as_dtype(running_var, xs.dtype).add(eps).rsqrt_()  # 1 / sigma
+    running_invstd = as_dtype(running_var, xs.dtype).add(eps).rsqrt_()  # 1 / sigma
     r = torch.clamp(running_invstd / invstd, 1 / r_max, r_max)
-    d = torch.clamp((mean - _as_dtype(running_mean, xs.dtype)) * running_invstd, -d_max, d_max)
+    d = torch.clamp((mean - as_dtype(running_mean, xs.dtype)) * running_invstd, -d_max, d_max)
     # Only now, r and d taken: BN's update, term for term.
-    running_mean.lerp_(mean, momentum)
-    running_var.mul_(1 - momentum).add_(sum_of_squares, alpha=momentum / (count - 1))
+    update_running_stats_(running_mean, running_var, mean, sum_of_squares, count, momentum)
     scale, shift = invstd * r, d
     if weight is not None:
         scale, shift = scale * weight, shift * weight
     if bias is not None:
         shift = shift + bias
-    out = _scale_shift(out, scale, shift, out=out)
-    return _as_dtype(out, x.dtype), mean, invstd, r, d, scale
+    out = scale_shift(out, scale, shift, out=out)
+    return as_dtype(out, x.dtype), mean, invstd, r, d, scale
 
 
 class _BatchRenormFunction(torch.autograd.Function):
@@ -82,8 +78,7 @@ class _BatchRenormFunction(torch.autograd.Function):
         dx = (gamma * r / sigma_B) * (dy - mean(dy) - x_hatB * mean(dy * x_hatB)),  x_hatB = (x - mu_B) / sigma_B
         dgamma = sum(dy * x_hat),  dbeta = sum(dy)
 
-    That is BN's backward (:class:`bn_lightning.nn.batchnorm._BatchNormFunction`) with gamma * r in gamma's place,
-    computed the same way, without its process-group path.
+    That is BN's backward (:func:`bn_lightning.nn.functional.input_gradient`) with gamma * r in gamma's place.
     """
 
     @staticmethod
@@ -97,28 +92,19 @@ class _BatchRenormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, mean, invstd, r, d, scale = ctx.saved_tensors
-        ndim, count = x.dim(), _values_per_channel(x)
+        count = values_per_channel(x)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dy, xs = _as_dtype(grad_out, mean.dtype), _as_dtype(x, mean.dtype)
-        # sum(dy) and sum(dy * (x - mean)) per channel, the latter in the buffer that becomes grad_x.
-        sum_dy = _channel_sum(dy)
-        buffer = torch.sub(xs, _channel_view(mean, ndim)).mul_(dy)
-        sum_dy_xmu = _channel_sum(buffer)
+        dy, xs = as_dtype(grad_out, mean.dtype), as_dtype(x, mean.dtype)
+        sum_dy, buffer, sum_dy_xmu = backward_sums(dy, xs, mean)
         grad_w = torch.addcmul(d * sum_dy, sum_dy_xmu, invstd * r) if need_w else None  # sum(dy * x_hat)
         grad_b = sum_dy if need_b else None
         grad_x = None
         if need_x:
-            # dx = scale * dy + coef * x + offset, with per-channel coef and offset:
-            # coef = -scale * a / count, offset = -scale * (sum_dy - a * mean) / count.
-            a = sum_dy_xmu * invstd * invstd
-            per_value = scale * (-1 / count)
-            offset = torch.addcmul(sum_dy, a, mean, value=-1).mul_(per_value)
-            grad_x = _scale_shift(xs, a.mul_(per_value), offset, out=buffer)
-            grad_x = _as_dtype(grad_x.addcmul_(_channel_view(scale, ndim), dy), x.dtype)
+            grad_x = as_dtype(input_gradient(xs, dy, mean, invstd, scale, sum_dy, sum_dy_xmu, count, buffer), x.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-class _BatchRenorm(_BatchNorm):
+class _BatchRenorm(_NormBase):
     def __init__(self, num_features: int, *args, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 200,
                  r_relax_steps: int = 800, d_relax_steps: int = 500, **kwargs) -> None:
         if not r_max >= 1:
@@ -138,17 +124,6 @@ class _BatchRenorm(_BatchNorm):
         self.r_max, self.d_max = r_max, d_max
         self.warmup_steps, self.r_relax_steps, self.d_relax_steps = warmup_steps, r_relax_steps, d_relax_steps
 
-    # A property, so that BatchNormSync (and Trainer(sync_batchnorm=True) under DDP) cannot switch it on unnoticed.
-    @property
-    def sync(self) -> bool:
-        return False
-
-    @sync.setter
-    def sync(self, value: bool) -> None:
-        if value:
-            raise ValueError(f"{type(self).__name__} takes each process's own batch statistics: it cannot synchronize "
-                             f"them across processes (sync, trainer.sync_batchnorm)")
-
     def limits(self) -> tuple[Tensor, Tensor]:
         """(r_max, d_max) of the next training step, from the steps taken so far (``num_batches_tracked``)."""
         return 1 + (self.r_max - 1) * self._relaxed(self.r_relax_steps), self.d_max * self._relaxed(self.d_relax_steps)
@@ -161,25 +136,32 @@ class _BatchRenorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         # Eval normalizes with the moving statistics, as BN; an empty batch has none to renormalize.
-        if not self.training or input.numel() == 0:
-            return super().forward(input)
         self._check_input(input)
-        if _values_per_channel(input) == 1:
+        if not self.training:
+            return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        if input.numel() == 0:  # no statistics to renormalize: BN's empty batch, buffers left as they are
+            self.num_batches_tracked.add_(1)
+            return batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if values_per_channel(input) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         r_max, d_max = self.limits()
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         args = (input, self.weight, self.bias, self.running_mean, self.running_var, r_max, d_max, momentum, self.eps)
-        return _outside_autocast(input, _BatchRenormFunction.apply, *args)
+        return outside_autocast(input, _BatchRenormFunction.apply, *args)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}, warmup_steps={self.warmup_steps}, "
                 f"r_relax_steps={self.r_relax_steps}, d_relax_steps={self.d_relax_steps}")
 
 
-class BatchRenorm1d(_BatchRenorm, BatchNorm1d):
-    """Batch Renorm over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input."""
+class BatchRenorm1d(_BatchRenorm):
+    """Batch Renorm over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input; BatchNorm1d's options, and the limits."""
+
+    _input_ranks = (2, 3)
 
 
-class BatchRenorm2d(_BatchRenorm, BatchNorm2d):
-    """Batch Renorm over a 4D ``(N, C, H, W)`` input."""
+class BatchRenorm2d(_BatchRenorm):
+    """Batch Renorm over a 4D ``(N, C, H, W)`` input; BatchNorm2d's options, and the limits."""
+
+    _input_ranks = (4,)
