@@ -18,7 +18,7 @@ MOVED = {
     "bn_lightning.norm": "bn_lightning.nn.batchnorm",
     "bn_lightning.renorm": "bn_lightning.nn.renorm",
     "bn_lightning.noisy_norm": "bn_lightning.nn.noisy",
-    "bn_lightning.model": "bn_lightning.nn.lenet",
+    "bn_lightning.model": "bn_lightning.nn",
     "bn_lightning.module": "bn_lightning.training.module",
     "bn_lightning.data": "bn_lightning.training.data",
     "bn_lightning.sampling": "bn_lightning.training.sampling",
@@ -36,6 +36,10 @@ MOVED = {
 }
 
 
+# Where an old path's names are loaded from, when that is not the module its warning names.
+LOADED_FROM = {"bn_lightning.model": "bn_lightning.nn.legacy"}  # LeNet taking 0.1's flat arguments
+
+
 class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Finds an old path (after every other finder has not) and loads it as the new module itself."""
 
@@ -49,7 +53,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         old, new = module.__name__, MOVED[module.__name__]
         warnings.warn(f"{old} is now {new}; the old path goes in the next release", FutureWarning, stacklevel=2)
         # The import system returns what sys.modules holds under the name once this returns: the new module.
-        sys.modules[old] = import_module(new)
+        sys.modules[old] = import_module(LOADED_FROM.get(old, new))
 
 
 _finder = _Alias()

@@ -98,7 +98,7 @@ def test_every_batch_norm_is_found_by_type_ours_and_torchs():
     for norm in ("scratch", "torch"):
         assert list(cb.find_layers(Classifier(LeNet(norm)), BATCH_NORMS, "norm")) == list(BLOCKS)
     assert cb.find_layers(LeNet("none"), BATCH_NORMS, "norm") == {}
-    assert list(cb.find_layers(Classifier(LeNet("none", "relu")), cb.ACTIVATIONS, "act")) == list(BLOCKS)
+    assert list(cb.find_layers(Classifier(LeNet("none", activation="relu")), cb.ACTIVATIONS, "act")) == list(BLOCKS)
 
 
 def test_narrow_layers_log_every_channel_and_wide_ones_an_even_subset():

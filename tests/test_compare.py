@@ -87,14 +87,16 @@ def test_a_joint_grid_axis_changes_its_options_together(tmp_path):
 
 def test_a_null_in_the_grid_reaches_the_run_as_none(tmp_path, capsys):
     path = write_comparison(tmp_path, tmp_path, configs=[str(CONFIGS / "lenet_bn_scratch.yaml")],
-                            grid={"model.net.init_args.bn_momentum": [0.1, None]})
+                            grid={"model.net.init_args.norm_kwargs": [{"momentum": 0.1}, {"momentum": None}]})
     comparison = compare.Comparison.load(path, {})
+    assert [run.group for run in comparison.runs()[::2]] == ["lenet_bn_scratch-momentum=0.1",
+                                                             "lenet_bn_scratch-momentum=None"]
     command = compare.fit_command(comparison.runs()[-1], comparison, tmp_path / "out")
-    assert "--model.net.init_args.bn_momentum=null" in command
+    assert '--model.net.init_args.norm_kwargs={"momentum": null}' in command
     with pytest.raises(SystemExit) as done:
         main(command[3:] + ["--print_config"])
     assert done.value.code == 0
-    assert yaml.safe_load(capsys.readouterr().out)["model"]["net"]["init_args"]["bn_momentum"] is None
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["net"]["init_args"]["norm_kwargs"] == {"momentum": None}
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -94,14 +94,14 @@ def test_a_noisy_lenet_starts_with_the_weights_of_the_plain_one_and_its_layers_d
     torch.manual_seed(5)
     plain = LeNet("scratch")
     torch.manual_seed(5)
-    noisy = LeNet("noisy_bn", noise_shift=0.3, noise_scale=1.5)
+    noisy = LeNet("noisy_bn", {"noise_shift": 0.3, "noise_scale": 1.5})
     state = noisy.state_dict()
     assert all(torch.equal(value, state[key]) for key, value in plain.state_dict().items())
     layers = [m for m in noisy.modules() if isinstance(m, (NoisyBatchNorm1d, NoisyBatchNorm2d))]
     assert len(layers) == 4 and len({int(m.noise_seed) for m in layers}) == 4
     assert {(m.noise_shift, m.noise_scale) for m in layers} == {(0.3, 1.5)}
-    with pytest.raises(ValueError, match="noise_shift and noise_scale set the noise of norm: noisy_bn"):
-        LeNet("scratch", noise_shift=0.3)
+    with pytest.raises(ValueError, match="norm_kwargs noise_shift: norm .scratch. takes eps, momentum"):
+        LeNet("scratch", {"noise_shift": 0.3})
 
 
 # BN's position and the initialization

@@ -19,7 +19,7 @@ NORMS = ["none", "scratch", "torch", "noisy_bn", "batch_renorm", "group_norm", "
 
 @pytest.mark.parametrize("norm, activation, pool", list(itertools.product(NORMS, ["sigmoid", "relu"], ["avg", "max"])))
 def test_every_combination_classifies_28x28_images(norm, activation, pool):
-    net = LeNet(norm, activation, pool)
+    net = LeNet(norm, activation=activation, pool=pool)
     assert net(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     act_cls = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[activation]
     pool_cls = {"avg": nn.AvgPool2d, "max": nn.MaxPool2d}[pool]
@@ -104,7 +104,7 @@ def layer_norm_by_hand(x, weight, bias, eps=1e-5):
 
 @pytest.mark.parametrize("norm, groups", [("group_norm", 2), ("group_norm", 1), ("layer_norm", 1)])
 def test_group_and_layer_norm_place_torchs_group_norm_on_feature_maps_and_layer_norm_on_vectors(norm, groups):
-    net = LeNet(norm, norm_groups=groups) if norm == "group_norm" else LeNet(norm)
+    net = LeNet(norm, {"groups": groups}) if norm == "group_norm" else LeNet(norm)
     for name, width in (("conv1", 6), ("conv2", 16)):
         layer = getattr(net, name).norm
         assert type(layer) is nn.GroupNorm and (layer.num_groups, layer.num_channels, layer.affine) == (groups, width, True)
@@ -119,7 +119,7 @@ def test_group_and_layer_norm_place_torchs_group_norm_on_feature_maps_and_layer_
 @pytest.mark.parametrize("norm, groups", [("group_norm", 2), ("group_norm", 1), ("layer_norm", 1)])
 def test_group_and_layer_norm_networks_compute_the_papers_normalizations(norm, groups):
     torch.manual_seed(0)
-    net = LeNet(norm, norm_groups=groups) if norm == "group_norm" else LeNet(norm)
+    net = LeNet(norm, {"groups": groups}) if norm == "group_norm" else LeNet(norm)
     with torch.no_grad():
         for block in BLOCKS:
             getattr(net, block).norm.weight.uniform_(0.5, 1.5), getattr(net, block).norm.bias.uniform_(-0.5, 0.5)
@@ -148,12 +148,11 @@ def test_group_and_layer_norm_give_a_sample_the_same_output_in_any_batch_and_bn_
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"norm": "group_norm", "norm_groups": 3}, r"norm_groups must divide the channels of conv1 and conv2 \(6 and 16\): "
-                                               r"1 or 2, got 3"),
-    ({"norm": "group_norm", "norm_groups": 4}, r"must divide the channels .* got 4"),
-    ({"norm": "group_norm", "norm_groups": 0}, r"must divide the channels .* got 0"),
-    ({"norm": "layer_norm", "norm_groups": 1}, r"norm_groups sets the groups of norm: group_norm; this network has "
-                                               r"norm: layer_norm"),
+    ({"norm": "group_norm", "norm_kwargs": {"groups": 3}}, r"groups must divide the channels of every feature map "
+                                                          r"it normalizes: 3 does not divide 16"),
+    ({"norm": "group_norm", "norm_kwargs": {"groups": 4}}, r"4 does not divide 6"),
+    ({"norm": "group_norm", "norm_kwargs": {"groups": 0}}, r"0 does not divide 6"),
+    ({"norm": "layer_norm", "norm_kwargs": {"groups": 1}}, r"norm_kwargs groups: norm 'layer_norm' takes eps"),
 ])
 def test_a_bad_group_count_says_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -162,9 +161,9 @@ def test_a_bad_group_count_says_what_is_wrong(kwargs, message):
 
 @pytest.mark.parametrize("norm", ["scratch", "torch", "noisy_bn", "batch_renorm"])
 @pytest.mark.parametrize("momentum", [0.01, None])
-def test_bn_momentum_sets_every_batch_norms_running_average(norm, momentum):
+def test_momentum_sets_every_batch_norms_running_average(norm, momentum):
     torch.manual_seed(0)
-    net = LeNet(norm, bn_momentum=momentum)
+    net = LeNet(norm, {"momentum": momentum})
     layers = [getattr(net, block).norm for block in ("conv1", "conv2", "fc1", "fc2")]
     assert [layer.momentum for layer in layers] == [momentum] * 4
     # One training batch moves fc1's running mean from 0 by momentum times the batch mean (all of it for None).
@@ -175,6 +174,6 @@ def test_bn_momentum_sets_every_batch_norms_running_average(norm, momentum):
     torch.testing.assert_close(net.fc1.norm.running_mean, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_bn_momentum_without_a_batch_norm_says_what_is_wrong():
-    with pytest.raises(ValueError, match="bn_momentum sets the running statistics"):
-        LeNet("group_norm", bn_momentum=None)
+def test_momentum_without_a_batch_norm_says_what_is_wrong():
+    with pytest.raises(ValueError, match=r"norm_kwargs momentum: norm 'group_norm' takes groups, eps"):
+        LeNet("group_norm", {"momentum": None})

@@ -46,13 +46,9 @@ def test_optimizer_and_learning_rate_come_from_the_arguments(optimizer, lr):
 def test_hyperparameters_describe_the_network_without_holding_it():
     model = Classifier(LeNet("scratch", pool="max"), num_classes=10)
     assert model.hparams.num_classes == 10
-    assert model.hparams.net == {"class_path": "bn_lightning.nn.lenet.LeNet",
-                                 "init_args": {"norm": "scratch", "activation": "sigmoid", "pool": "max",
-                                               "norm_position": "before", "init_gain": 1.0,
-                                               "noise_shift": 1.0, "noise_scale": 2.0, "renorm_r_max": 3.0,
-                                               "renorm_d_max": 5.0, "renorm_warmup_steps": 200,
-                                               "renorm_r_relax_steps": 800, "renorm_d_relax_steps": 500,
-                                               "norm_groups": 2, "bn_momentum": 0.1}}
+    assert model.hparams.net == {"class_path": "bn_lightning.LeNet",
+                                 "init_args": {"norm": "scratch", "norm_kwargs": {}, "activation": "sigmoid",
+                                               "pool": "max", "norm_position": "before", "init_gain": 1.0}}
 
 
 def test_a_checkpoint_of_a_cli_run_loads_on_its_own(tiny_data, tmp_path):

@@ -272,8 +272,8 @@ def test_sync_batchnorm_cannot_switch_it_on_unnoticed():
 
 
 def test_lenet_takes_it_as_norm_batch_renorm_with_its_schedule():
-    net = LeNet("batch_renorm", renorm_r_max=2.0, renorm_d_max=1.0, renorm_warmup_steps=10,
-                renorm_r_relax_steps=20, renorm_d_relax_steps=30)
+    net = LeNet("batch_renorm", {"r_max": 2.0, "d_max": 1.0, "warmup_steps": 10, "r_relax_steps": 20,
+                                 "d_relax_steps": 30})
     layers = [getattr(net, block).norm for block in ("conv1", "conv2", "fc1", "fc2")]
     assert [type(m) for m in layers] == [BatchRenorm2d, BatchRenorm2d, BatchRenorm1d, BatchRenorm1d]
     assert all(isinstance(m, norm.BATCH_NORMS) for m in layers)  # the BN monitors and callbacks find them
@@ -281,6 +281,5 @@ def test_lenet_takes_it_as_norm_batch_renorm_with_its_schedule():
     assert net.state_dict().keys() == LeNet("scratch").state_dict().keys()
     assert net(torch.randn(4, 1, 28, 28)).shape == (4, 10)
     assert schedule(LeNet("batch_renorm").conv1.norm) == schedule(BatchRenorm2d(6))  # LeNet's defaults are the layer's
-    with pytest.raises(ValueError, match="renorm_r_max, .* set the limits of norm: batch_renorm; this network has "
-                                         "norm: scratch"):
-        LeNet("scratch", renorm_warmup_steps=0)
+    with pytest.raises(ValueError, match="norm_kwargs warmup_steps: norm 'scratch' takes eps, momentum"):
+        LeNet("scratch", {"warmup_steps": 0})

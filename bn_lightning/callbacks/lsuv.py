@@ -7,8 +7,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from bn_lightning.nn.batchnorm import BATCH_NORMS
 from bn_lightning.nn.lsuv import lsuv_
+from bn_lightning.nn.registry import batch_norm_layers
 
 __all__ = ["LSUV", "lsuv_"]
 
@@ -33,7 +33,7 @@ class LSUV(Callback):
             return
         dataset = trainer.datamodule.train_set
         images = dataset.__getitems__(list(range(min(self.num_images, len(dataset)))))[0]
-        if any(isinstance(m, BATCH_NORMS) for m in pl_module.net.modules()):
+        if batch_norm_layers(pl_module.net):
             rank_zero_info("LSUV on a network with BN: BN's output variance does not depend on the scale LSUV sets")
         generator = torch.Generator().manual_seed(torch.initial_seed())
         variances = lsuv_(pl_module.net, images.to(next(pl_module.net.parameters()).device), self.tolerance, self.max_iterations,

@@ -10,7 +10,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from bn_lightning.nn.precise_bn import batch_norm_layers, update_bn_stats
+from bn_lightning.nn.precise_bn import update_bn_stats
+from bn_lightning.nn.registry import batch_norm_layers
 
 __all__ = ["PreciseBN", "update_bn_stats"]
 
@@ -37,7 +38,7 @@ class PreciseBN(Callback):
         self.num_images, self.every_n_epochs, self.seed = sorted(num_images), every_n_epochs, seed
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self.active = bool(batch_norm_layers(pl_module.net))
+        self.active = bool(batch_norm_layers(pl_module.net, tracked=True))
         if not self.active:
             rank_zero_info("PreciseBN: the network has no batch-norm layer with running statistics; it logs nothing")
 

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from bn_lightning.nn import lenet
+from bn_lightning.nn.registry import NORMS
 from bn_lightning.training._private import write_summary
 
 HISTOGRAM_BINS = 64
@@ -136,7 +137,7 @@ class TensorBoardComparison(Callback):
         hparams = {"optimizer": type(optimizer).__name__, "lr": optimizer.param_groups[0]["lr"]}
         domains = {}
         net = pl_module.hparams.get("net", {}).get("init_args", {})
-        for choice, table in (("norm", lenet.NORMS), ("activation", lenet.ACTIVATIONS), ("pool", lenet.POOLS)):
+        for choice, table in (("norm", NORMS), ("activation", lenet.ACTIVATIONS), ("pool", lenet.POOLS)):
             if choice in net:
                 hparams[choice], domains[choice] = net[choice], list(table)
         data = getattr(trainer.datamodule, "hparams", {})

@@ -29,7 +29,7 @@ def fit_command(run: Run, comparison: Comparison, out: Path) -> list[str]:
         "trainer.enable_progress_bar": False,
     }
     # A list or mapping (callbacks to add: "trainer.callbacks+") goes as JSON, which jsonargparse reads; so does
-    # None (YAML's null, e.g. bn_momentum), which it would read as the string "None".
+    # None (YAML's null, e.g. a momentum), which it would read as the string "None".
     return [sys.executable, "-m", "bn_lightning", "fit", "--config", str(run.config),
             *(f"--{key}={json.dumps(value) if value is None or isinstance(value, (list, dict)) else value}"
               for key, value in options.items())]

@@ -21,6 +21,13 @@ SLURM = {
 }
 GENERIC = {"timeout_min", "cpus_per_task", "gpus_per_node", "mem_gb"}  # submitit's names on every cluster
 
+class GridMapping(dict):
+    """A grid value that is a mapping (``norm_kwargs: {momentum: 0.1}``), hashable so that a Run stays a dict key."""
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.items(), key=str)))
+
+
 @dataclass(frozen=True)
 class Run:
     """One process of the matrix: a config, its grid values and a seed."""
@@ -31,8 +38,11 @@ class Run:
 
     @property
     def group(self) -> str:
-        """``lenet_bn_torch`` or ``lenet_bn_torch-lr=0.1``: the config and its grid values, as folder names read."""
-        return "-".join([self.config.stem, *(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.grid)])
+        """``lenet_bn_torch`` or ``lenet_bn_torch-lr=0.1``: the config and its grid values, as folder names read;
+        a mapping's items each (``norm_kwargs: {momentum: 0.1}`` gives ``momentum=0.1``)."""
+        labels = [",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict)
+                  else f"{key.rsplit('.', 1)[-1]}={value}" for key, value in self.grid]
+        return "-".join([self.config.stem, *labels])
 
     def folder(self, out: Path) -> Path:
         return out / self.group / f"seed_{self.seed}"
@@ -89,6 +99,7 @@ class Comparison:
         axes = [[tuple(zip(key.split(","), value if "," in key else [value])) for value in values]
                 for key, values in self.grid.items()]
         points = [tuple(pair for part in combination for pair in part) for combination in itertools.product(*axes)]
+        points = [tuple((key, GridMapping(v) if isinstance(v, dict) else v) for key, v in point) for point in points]
         return [Run(config, point, seed) for config in self.configs for point in points for seed in self.seeds]
 
 

@@ -21,15 +21,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from bn_lightning.nn.batchnorm import BATCH_NORMS
 from bn_lightning.nn.functional import reduce_dims
+from bn_lightning.nn.registry import batch_norm_layers
 
-__all__ = ["batch_norm_layers", "update_bn_stats"]
-
-
-def batch_norm_layers(model: nn.Module) -> list[nn.Module]:
-    """The BN layers of ``model`` that keep running statistics, ours and torch's (and their subclasses)."""
-    return [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.running_mean is not None]
+__all__ = ["update_bn_stats"]
 
 
 class _Moments:
@@ -65,7 +60,7 @@ def update_bn_stats(model: nn.Module, batches: Iterable, num_batches: int | None
     training flags, the other buffers (``num_batches_tracked``, a noisy BN's step). Returns the number of
     images used.
     """
-    layers = batch_norm_layers(model)
+    layers = list(batch_norm_layers(model, tracked=True).values())
     if not layers:
         raise ValueError(f"{type(model).__name__} has no batch-norm layer with running statistics to update; "
                          "precise BN applies to BN layers built with track_running_stats=True")

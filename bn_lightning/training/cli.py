@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from bn_lightning.nn import legacy
 from bn_lightning.training._private import known_subclasses
 from bn_lightning.training.data import FashionMNISTDataModule, default_data_dir
 from bn_lightning.training.errors import CLEAR_ERRORS
@@ -168,10 +169,50 @@ def _tensorboard_logger_args(logger):
     return logger.init_args if isinstance(cls, type) and issubclass(cls, TensorBoardLogger) else None
 
 
+LENET_PATHS = {"bn_lightning.LeNet", "bn_lightning.nn.LeNet", "bn_lightning.nn.lenet.LeNet", "bn_lightning.model.LeNet"}
+FLAT_FLAG = "--model.net.init_args."
+
+
+def translate_legacy(args: list[str]) -> list[str]:
+    """Release 0.1's LeNet spelling, in a config file (a run folder's config.yaml) or a flag
+    (``--model.net.init_args.bn_momentum=0.01``), as today's, with a FutureWarning that shows it."""
+    args, found = list(args), []
+    for i, arg in enumerate(args):
+        if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
+            at = i + 1 if arg == "--config" else i
+            path = Path(args[at].removeprefix("--config="))
+            config = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") and path.is_file() else None
+            net = (config.get("model") or {}).get("net") if isinstance(config, dict) else None
+            if not (isinstance(net, dict) and net.get("class_path") in LENET_PATHS):
+                continue
+            init_args = net.get("init_args") or {}
+            if net["class_path"] == "bn_lightning.model.LeNet" or legacy.uses_flat_arguments(init_args):
+                net["class_path"], net["init_args"] = "bn_lightning.nn.LeNet", legacy.translate(init_args)
+                text = yaml.safe_dump(config, sort_keys=False)
+                args[at] = text if arg == "--config" else f"--config={text}"
+                found.append(f"{path}: model.net is {net}")
+        elif arg.startswith(FLAT_FLAG) and arg[len(FLAT_FLAG):].partition("=")[0] in legacy.FLAT:
+            key, _, value = arg[len(FLAT_FLAG):].partition("=")
+            new = legacy.FLAT[key][1]
+            args[i] = (f'{FLAT_FLAG}norm_kwargs={{"{new}": null}}' if value in ("null", "None")
+                       else f"{FLAT_FLAG}norm_kwargs.{new}={value}")
+            found.append(f"{arg} is {args[i]}")
+    for change in found:
+        warnings.warn(f"release 0.1's LeNet arguments, read as today's: {change}", FutureWarning, stacklevel=2)
+    return args
+
+
 def main(args=None) -> BNLightningCLI:
     """Run the CLI. A fit stopped by SIGTERM or Ctrl-C (``StopAndResume``, on in every run) exits with
     status 143 or 130, as a shell reports those signals, after saving ``checkpoints/interrupted.ckpt``."""
     stopper = StopAndResume()
+    try:
+        if args is None:  # the command line, read by LightningCLI itself (given args, it warns of a mix-up)
+            sys.argv[1:] = translate_legacy(sys.argv[1:])
+        else:
+            args = translate_legacy(args)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     try:
         return BNLightningCLI(
             Classifier,

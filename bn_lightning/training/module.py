@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Literal, get_args
 
 import torch
@@ -40,13 +41,29 @@ def _call(net: nn.Module, x: Tensor) -> Tensor:
 
 def network_hparams(net: nn.Module) -> dict:
     """The network as LightningCLI's config writes it: its class path, and the constructor arguments it
-    keeps as attributes of the same name with a plain value or None (LeNet's norm, activation and pool)."""
+    keeps as attributes of the same name with a plain value, None, or a dict of those (LeNet's norm,
+    norm_kwargs, activation and pool)."""
     cls = type(net)
     missing = object()
     values = {name: getattr(net, name, missing) for name in inspect.signature(cls).parameters}
-    init_args = {name: value for name, value in values.items()
-                 if value is None or isinstance(value, (str, int, float, bool))}
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+    init_args = {name: value for name, value in values.items() if _plain(value)}
+    return {"class_path": _class_path(cls), "init_args": init_args}
+
+
+def _class_path(cls: type) -> str:
+    """The shortest import path of ``cls``, as LightningCLI's config.yaml writes it (``bn_lightning.LeNet``)."""
+    parts = cls.__module__.split(".")
+    for end in range(1, len(parts)):
+        package = ".".join(parts[:end])
+        if getattr(sys.modules.get(package), cls.__qualname__, None) is cls:
+            return f"{package}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _plain(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _plain(item) for key, item in value.items())
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 class Classifier(LightningModule):

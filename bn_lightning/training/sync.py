@@ -12,7 +12,8 @@ from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 from torch.nn import Module
 
-from bn_lightning.nn.batchnorm import BATCH_NORMS, _BatchNorm
+from bn_lightning.nn.batchnorm import _BatchNorm
+from bn_lightning.nn.registry import is_batch_norm
 
 
 class BatchNormSync(TorchSyncBatchNorm):
@@ -22,7 +23,7 @@ class BatchNormSync(TorchSyncBatchNorm):
         self._switched: list[_BatchNorm] = []
 
     def apply(self, model: Module) -> Module:
-        unsyncable = [m for m in model.modules() if isinstance(m, BATCH_NORMS)
+        unsyncable = [m for m in model.modules() if is_batch_norm(m)
                       and not isinstance(m, (_BatchNorm, nn.modules.batchnorm._BatchNorm))]
         if unsyncable:
             raise ValueError(f"{type(unsyncable[0]).__name__} takes each process's own batch statistics: it cannot "

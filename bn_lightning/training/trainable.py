@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from bn_lightning.nn.batchnorm import BATCH_NORMS
+from bn_lightning.nn.registry import is_batch_norm
 
 Trainable = Literal["all", "norm", "random"]
 TRAINABLE = ("all", "norm", "random")
@@ -35,7 +35,7 @@ def _head(net: nn.Module) -> nn.Linear:
 def _normed_blocks(net: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(affine layer, its BN) of every block that has both."""
     return [(block.affine, block.norm) for block in net.modules()
-            if isinstance(getattr(block, "affine", None), nn.Module) and isinstance(getattr(block, "norm", None), BATCH_NORMS)]
+            if isinstance(getattr(block, "affine", None), nn.Module) and is_batch_norm(getattr(block, "norm", None))]
 
 
 def _random_mask(weight: torch.Tensor, per_channel: int, generator: torch.Generator) -> torch.Tensor:
