@@ -17,8 +17,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import torch; assert torch.cuda.is_available(), 'no GPU visible to torch'; print(torch.__version__, torch.cuda.get_device_name())"
 
 # The tests that skip without a GPU, run where they do not.
-python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -rs tests/test_norm.py tests/test_sync.py tests/test_data.py \
-    -k "gpu or on_device" 2>&1 | tee "$OUT_DIR/tests.log"
+python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning -rs -m gpu tests 2>&1 | tee "$OUT_DIR/tests.log"
 python3 benchmarks/bn.py --device cuda 2>&1 | tee "$OUT_DIR/bn.log"
 python3 benchmarks/end_to_end.py --data-dir "$DATA" --accelerator gpu --modes default reduce-overhead \
     --data host device --steps 200 --repeats 3 2>&1 | tee "$OUT_DIR/end_to_end.log"

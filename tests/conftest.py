@@ -4,20 +4,29 @@ from pathlib import Path
 
 import pytest
 
-from helpers import needs_real_data, write_fashion_mnist
+import torch
+
+from helpers import HAS_REAL_DATA, SHARED_DATA, needs_real_data, write_fashion_mnist
 
 # Notebooks that train on the real data (nbmake runs them as tests): skipped like the tests that need it.
 NOTEBOOKS_NEEDING_REAL_DATA = {"03_comparing_runs.ipynb"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every notebook is slow (a kernel process); those that train on the real data are also marked as
-    needs_real_data marks tests."""
+    """Every notebook is slow (a kernel process); those that train on the real data are marked real_data.
+    Tests marked gpu skip without a CUDA device (``pytest -m gpu`` runs them: benchmarks/gpu.sh), those
+    marked real_data without the real Fashion-MNIST under $BN_LIGHTNING_DATA."""
+    no_gpu = pytest.mark.skip(reason="needs a GPU")
+    no_data = pytest.mark.skip(reason=f"real Fashion-MNIST not found under {SHARED_DATA}")
     for item in items:
         if item.path.suffix == ".ipynb":
             item.add_marker(pytest.mark.slow)
         if item.path.name in NOTEBOOKS_NEEDING_REAL_DATA:
             item.add_marker(needs_real_data)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "real_data" in item.keywords and not HAS_REAL_DATA:
+            item.add_marker(no_data)
 
 
 @pytest.fixture(scope="session")

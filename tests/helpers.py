@@ -16,10 +16,8 @@ CONFIGS = REPO / "configs"
 DEFAULTS = REPO / "bn_lightning" / "training" / "defaults.yaml"
 # CI and developers keep the real data set beside the clone; BN_LIGHTNING_DATA points elsewhere.
 SHARED_DATA = Path(os.environ.get("BN_LIGHTNING_DATA", REPO.parent / "shared" / "data"))
-needs_real_data = pytest.mark.skipif(
-    not (SHARED_DATA / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists(),
-    reason=f"real Fashion-MNIST not found under {SHARED_DATA}",
-)
+HAS_REAL_DATA = (SHARED_DATA / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+needs_real_data = pytest.mark.real_data  # skipped where HAS_REAL_DATA is false (conftest.py)
 
 
 def write_idx(path: Path, data: torch.Tensor) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 
 from bn_lightning import callbacks as cb
 from bn_lightning.callbacks import tensorboard
+from bn_lightning.training._private import forward_hook_count
 from bn_lightning.nn.batchnorm import BATCH_NORMS
 from bn_lightning.nn import batchnorm as scratch
 from bn_lightning.training.data import FashionMNISTDataModule
@@ -51,8 +52,6 @@ def values(events, tag) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
-def hook_count(module: nn.Module) -> int:
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in module.modules())
 
 
 class RecordInputs(Callback):
@@ -232,7 +231,7 @@ class CountHooks(Callback):
         self.at_start = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.at_start.append(hook_count(pl_module))
+        self.at_start.append(forward_hook_count(pl_module))
 
 
 def test_hooks_are_there_only_for_logging_steps_and_gone_after_fit(tiny_data, tmp_path):
@@ -240,7 +239,7 @@ def test_hooks_are_there_only_for_logging_steps_and_gone_after_fit(tiny_data, tm
     monitors = [cb.BatchNormMonitor(every_n_steps=2), cb.ActivationMonitor(every_n_steps=2, histogram_every_n_steps=None)]
     _, model = fit(tiny_data, tmp_path, LeNet("torch"), [*monitors, count], max_steps=5)
     assert count.at_start == [8, 0, 8, 0, 8]  # 4 BN layers and 4 activations, hooked on steps 0, 2, 4
-    assert hook_count(model) == 0
+    assert forward_hook_count(model) == 0
 
 
 class FailAtStep(Callback):
@@ -256,7 +255,7 @@ def test_hooks_are_removed_when_a_logging_step_fails(tiny_data, tmp_path):
     net = LeNet("scratch")
     with pytest.raises(RuntimeError, match="step failed"):
         fit(tiny_data, tmp_path, net, [cb.BatchNormMonitor(every_n_steps=2), cb.ActivationMonitor(every_n_steps=2), FailAtStep(2)])
-    assert hook_count(net) == 0
+    assert forward_hook_count(net) == 0
 
 
 class WatchInputsDie(Callback):

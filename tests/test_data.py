@@ -163,7 +163,7 @@ def test_bad_settings_are_rejected(kwargs, message):
         FashionMNISTDataModule(**kwargs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_on_device_batches_are_cut_on_the_gpu_and_equal_the_host_ones(tiny_data, tmp_path):
     from lightning.pytorch import Trainer
 

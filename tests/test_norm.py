@@ -379,7 +379,7 @@ def test_torch_compile_of_our_layer_matches_torch():
     step_and_compare(ours, theirs, torch.randn(6, 5, 4, 3), torch.float32)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(256, 5, 24, 24), (256, 5, 8, 8), (256, 5)])
 def test_on_a_gpu_matches_torch(shape, layout):

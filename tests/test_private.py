@@ -137,6 +137,18 @@ def test_has_hooks_sees_a_hook_of_any_kind_on_any_submodule():
         assert not _private.has_hooks(net), broken("has_hooks", f"still sees a removed hook of {register}")
 
 
+def test_forward_hook_count_counts_forward_and_pre_hooks_on_every_submodule():
+    net = LeNet("scratch")
+    assert _private.forward_hook_count(net) == 0, broken("forward_hook_count", "a fresh LeNet has hooks")
+    handles = [net.fc1.norm.register_forward_pre_hook(lambda *args: None),
+               net.conv1.register_forward_hook(lambda *args: None),
+               net.register_full_backward_hook(lambda *args: None)]  # not a forward hook
+    assert _private.forward_hook_count(net) == 2, broken("forward_hook_count", "miscounts forward hooks")
+    for handle in handles:
+        handle.remove()
+    assert _private.forward_hook_count(net) == 0, broken("forward_hook_count", "still sees removed hooks")
+
+
 def test_compiled_graphs_counts_each_compilation_and_recompilation():
     compiled = torch.compile(lambda x: x.sin() + 1, dynamic=False)
     before = _private.compiled_graphs()

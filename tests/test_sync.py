@@ -132,7 +132,7 @@ def test_two_processes_equal_one_process_on_the_joint_batch(two_process_results,
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.nn.SyncBatchNorm runs on GPUs only")
+@pytest.mark.gpu  # torch.nn.SyncBatchNorm runs on GPUs only
 def test_two_processes_on_a_gpu_match_the_joint_batch_and_torchs_sync_batchnorm(tmp_path):
     """The same cases with CUDA tensors, both processes sharing one GPU over gloo."""
     results = _two_processes(tmp_path / "init", "cuda")

@@ -58,6 +58,12 @@ def has_hooks(net: nn.Module) -> bool:
                for m in net.modules())
 
 
+def forward_hook_count(module: nn.Module) -> int:
+    """How many forward and forward pre-hooks the modules of ``module`` hold (the layer monitors leave none
+    between the steps they log); no public API lists a module's hooks."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in module.modules())
+
+
 def compiled_graphs() -> int:
     """How many graphs ``torch.compile`` has compiled in this process (a recompilation adds one): Dynamo's
     own counter, which ``torch._dynamo.explain`` and ``TORCH_LOGS=recompiles`` read; no public API counts them."""
