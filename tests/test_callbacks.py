@@ -9,11 +9,13 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+import torchvision
 import yaml
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from bn_lightning import callbacks as cb
 from bn_lightning.callbacks import tensorboard
@@ -310,3 +312,46 @@ def test_examples_per_second_counts_only_time_between_training_batches(tiny_data
     trainer, _ = fit(tiny_data, tmp_path, LeNet("none"), [PauseBetweenEpochs(clock), speed], max_steps=7)
     # 32 images each 0.25 s; step 0 starts the clock, step 5 (an epoch's first batch) restarts it.
     assert values(logged(trainer), "perf/examples_per_sec") == {2: 128.0, 4: 128.0, 6: 128.0}
+
+
+class UsersResNet(LightningModule):
+    """A user's own LightningModule around torchvision's ResNet-18 (no weights downloaded): nothing of ours."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torchvision.models.resnet18(weights=None, num_classes=10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_the_monitors_and_the_layout_work_in_a_users_module_around_torchvisions_resnet18(tmp_path):
+    seed_everything(0)
+    images = TensorDataset(torch.randn(24, 3, 32, 32), torch.randint(0, 10, (24,)))
+    monitors = [cb.BatchNormMonitor(every_n_steps=1, histogram_every_n_steps=2),
+                cb.ActivationMonitor(every_n_steps=1, histogram_every_n_steps=None), cb.TensorBoardComparison()]
+    trainer = Trainer(logger=TensorBoardLogger(tmp_path, name="resnet", default_hp_metric=False), callbacks=monitors,
+                      max_steps=3, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module = UsersResNet()
+    trainer.fit(module, DataLoader(images, batch_size=8))
+    norms = [name.removeprefix("model.") for name, m in module.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    relus = [name.removeprefix("model.") for name, m in module.named_modules() if isinstance(m, nn.ReLU)]
+    assert len(norms) == 20 and list(monitors[0].layers) == [f"model.{n}" for n in norms]
+    assert list(monitors[1].layers) == [f"model.{n}" for n in relus]
+    events = logged(trainer)
+    scalars, histograms = set(events.Tags()["scalars"]), set(events.Tags()["histograms"])
+    for norm in ("model.bn1", "model.layer4.1.bn2", "model.layer2.0.downsample.1"):
+        assert {f"bn/{norm}/{stat}" for stat in ("mean_gap", "mean_gap_std", "var_ratio")} <= scalars
+        assert set(values(events, f"bn/{norm}/mean_gap")) == {0, 1, 2}
+        assert any(tag.startswith(f"bn/{norm}/running_mean/ch") for tag in scalars) and f"bn/{norm}/gamma" in histograms
+    # The first layer's logged running mean is the one torch's own layer holds after the step.
+    assert values(events, "bn/model.bn1/running_mean/ch00")[2] == pytest.approx(module.model.bn1.running_mean[0].item())
+    assert {f"act/model.{relu}/layer/p50" for relu in relus} <= scalars
+    layout = monitors[2].layout(trainer)
+    assert "model.layer3.0.bn1" in layout["BN running mean per channel"] and "model.relu" in layout[
+        "Activation input, whole layer: mean and std"]
+    assert forward_hook_count(module) == 0
