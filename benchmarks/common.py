@@ -95,7 +95,7 @@ def add_blog_arguments(parser, out: Path) -> None:
     """The options the blog's benchmarks (blog_memory.py, blog_accuracy.py) share."""
     parser.add_argument("--train-steps", type=int, default=None, help="training steps per epoch (default: all 3750)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--data-dir", default=None, help="torchvision root (default: bn_lightning.training.data.default_data_dir())")
+    parser.add_argument("--data-dir", default=None, help="torchvision root (default: bn_lightning.training.data.resolve_data_dir())")
     parser.add_argument("--out", type=Path, default=out)
 
 

@@ -1,6 +1,6 @@
 """Training LeNet as a user does: our BN, torch's BN and no norm, eager and compiled (``model.compile``).
 
-    python benchmarks/end_to_end.py [--data-dir ../shared/data] [--repeats 4] [--steps 300] [--epochs 10]
+    python benchmarks/end_to_end.py [--data-dir DIR] [--repeats 4] [--steps 300] [--epochs 10]
     python benchmarks/end_to_end.py --accelerator gpu --modes default reduce-overhead --data host device
 
 At batch 16 (the blog's, Adam lr 0.01) and 256 (the book's, SGD lr 1.0), every configuration trains ``--steps``
@@ -27,7 +27,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TRAIN_IMAGES = 55_000
 SETTINGS = {16: ("Adam", 0.01), 256: ("SGD", 1.0)}  # batch: optimizer, lr
 NORMS = ("none", "scratch", "torch")
@@ -35,7 +34,7 @@ NORMS = ("none", "scratch", "torch")
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--data-dir", default=None, help="torchvision root (default: --data.data_dir's rule, resolve_data_dir)")
     parser.add_argument("--repeats", type=int, default=4, help="repeats per configuration, the first a warm-up")
     parser.add_argument("--steps", type=int, default=300, help="training steps per repeat")
     parser.add_argument("--epochs", type=int, default=10, help="the length of the whole run estimated")
@@ -56,7 +55,7 @@ import torch  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
 
 from bn_lightning.training._private import compiled_graphs  # noqa: E402
-from bn_lightning.training.data import FashionMNISTDataModule  # noqa: E402
+from bn_lightning.training.data import FashionMNISTDataModule, resolve_data_dir  # noqa: E402
 from bn_lightning.nn.lenet import LeNet  # noqa: E402
 from bn_lightning.training.module import Classifier  # noqa: E402
 from common import report  # noqa: E402
@@ -81,7 +80,7 @@ def train(norm: str, compile: bool | str, batch: int, data: str) -> tuple[float,
     name, lr = SETTINGS[batch]
     torch.manual_seed(0)
     model = Classifier(LeNet(norm), optimizer=partial(getattr(torch.optim, name), lr=lr), compile=compile)
-    datamodule = FashionMNISTDataModule(ARGS.data_dir, batch_size=batch, download=False, shuffle_seed=0,
+    datamodule = FashionMNISTDataModule(resolve_data_dir(ARGS.data_dir), batch_size=batch, download=False, shuffle_seed=0,
                                         on_device=data == "device")
     record, graphs = StepEnds(), compiled_graphs()
     trainer = Trainer(max_steps=ARGS.steps, limit_val_batches=0, logger=False, enable_checkpointing=False,

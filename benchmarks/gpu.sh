@@ -10,7 +10,7 @@
 # have torch with CUDA and the project's dependencies (pip install -e .).
 set -eu -o pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-$(python3 -c "from bn_lightning.training.data import default_data_dir; print(default_data_dir())")}
+DATA=${1:-$(python3 -c "from bn_lightning.training.data import resolve_data_dir; print(resolve_data_dir())")}
 OUT_DIR=${2:-benchmarks/results/gpu}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from bn_lightning.callbacks import probes
-from bn_lightning.training.data import FashionMNISTDataModule
+from bn_lightning.training.data import FashionMNISTDataModule, resolve_data_dir
 from bn_lightning.nn.lenet import LeNet
 from bn_lightning.training.module import Classifier
 from common import markdown_table, write_results
@@ -87,8 +86,7 @@ def epoch_seconds(data: FashionMNISTDataModule, logs: str, callbacks: list[Callb
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_data = Path(os.environ.get("BN_LIGHTNING_DATA", REPO.parent / "shared" / "data"))
-    parser.add_argument("--data-dir", type=Path, default=default_data, help="torchvision root holding FashionMNIST/raw")
+    parser.add_argument("--data-dir", default=None, help="torchvision root holding FashionMNIST/raw (default: resolve_data_dir)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per run")
     parser.add_argument("--batches", type=int, default=None, help="batches per epoch (default: the whole epoch)")
     parser.add_argument("--repeats", type=int, default=5, help="runs with the callbacks on, and as many off")
@@ -97,7 +95,7 @@ def main() -> None:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*|.*LeafSpec.*|.*smaller than the logging interval.*")
-    data = FashionMNISTDataModule(str(args.data_dir), batch_size=256, download=False)
+    data = FashionMNISTDataModule(resolve_data_dir(args.data_dir), batch_size=256, download=False)
     batches = 1.0 if args.batches is None else args.batches
     modes = ["on", "off", *(PROBES if args.probes else [])]
     seconds = {mode: [] for mode in modes}

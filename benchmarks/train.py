@@ -1,6 +1,6 @@
 """One epoch of LeNet on Fashion-MNIST: Lightning's Trainer against a plain PyTorch loop.
 
-    python benchmarks/train.py [--data-dir ../shared/data] [--repeats 5] [--batches N]
+    python benchmarks/train.py [--data-dir DIR] [--repeats 5] [--batches N]
 
 For each norm, both run the same model init, batches and optimizer: their losses must agree
 to 5 decimals (the parity check Lightning keeps for itself); the script prints the epoch-time
@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader
 
-from bn_lightning.training.data import FashionMNISTDataModule
+from bn_lightning.training.data import FashionMNISTDataModule, resolve_data_dir
 from bn_lightning.nn.lenet import LeNet
 from bn_lightning.training.module import Classifier
 from common import report
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LR = {"none": 0.9, "scratch": 1.0, "torch": 1.0}  # Dive into Deep Learning's
 
 
@@ -118,12 +117,12 @@ def lightning_epoch(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--data-dir", default=None, help="torchvision root (default: --data.data_dir's rule, resolve_data_dir)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, default=None, help="batches per epoch (default: the whole epoch)")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the Trainer's banners, every repeat
-    dm = FashionMNISTDataModule(args.data_dir, batch_size=256, download=False)
+    dm = FashionMNISTDataModule(resolve_data_dir(args.data_dir), batch_size=256, download=False)
     dm.prepare_data()
     dm.setup("fit")
     data = partial(loader, dm, args.batches)

@@ -11,11 +11,13 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from bn_lightning.training.data import resolve_data_dir
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 DEFAULTS = REPO / "bn_lightning" / "training" / "defaults.yaml"
-# CI and developers keep the real data set beside the clone; BN_LIGHTNING_DATA points elsewhere.
-SHARED_DATA = Path(os.environ.get("BN_LIGHTNING_DATA", REPO.parent / "shared" / "data"))
+# The real data set, by the project's one rule: $BN_LIGHTNING_DATA (CI sets it), else data/.
+SHARED_DATA = Path(resolve_data_dir(root=REPO))
 HAS_REAL_DATA = (SHARED_DATA / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
 needs_real_data = pytest.mark.real_data  # skipped where HAS_REAL_DATA is false (conftest.py)
 

@@ -214,15 +214,15 @@ def test_real_fashion_mnist_split_and_statistics():
     assert pixels.std(correction=0).item() == pytest.approx(0.3528, abs=1e-4)
 
 
-def test_the_data_folder_is_data_first_then_the_environment(tmp_path, monkeypatch, tiny_data):
+def test_the_data_folder_is_the_explicit_one_then_the_environments_then_data(tmp_path, monkeypatch, tiny_data):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(DATA_ENV, raising=False)
     assert FashionMNISTDataModule().hparams.data_dir == "data"  # where a download would go
     monkeypatch.setenv(DATA_ENV, str(tiny_data))
     assert FashionMNISTDataModule().hparams.data_dir == str(tiny_data)
     (tmp_path / "data" / "FashionMNIST" / "raw").mkdir(parents=True)
-    assert FashionMNISTDataModule().hparams.data_dir == "data"  # the user's own copy comes first
-    assert FashionMNISTDataModule(data_dir="elsewhere").hparams.data_dir == "elsewhere"
+    assert FashionMNISTDataModule().hparams.data_dir == str(tiny_data)  # the environment over a data/ folder
+    assert FashionMNISTDataModule(data_dir="elsewhere").hparams.data_dir == "elsewhere"  # the explicit one first
 
 
 def test_the_cli_records_the_data_folder_it_used(tmp_path, monkeypatch, tiny_data):
@@ -237,16 +237,17 @@ def test_the_cli_records_the_data_folder_it_used(tmp_path, monkeypatch, tiny_dat
     assert saved["data"]["data_dir"] == str(tiny_data)
 
 
-def test_the_default_data_folder_is_data_when_it_holds_fashion_mnist_else_the_environments(tmp_path, monkeypatch):
-    from bn_lightning.training.data import DATA_ENV, default_data_dir
+def test_resolve_data_dir_is_the_one_rule_relative_to_its_root(tmp_path, monkeypatch):
+    from bn_lightning.training.data import DATA_ENV, resolve_data_dir
 
     monkeypatch.delenv(DATA_ENV, raising=False)
-    assert default_data_dir(tmp_path) == str(tmp_path / "data")  # nothing says where: downloads go there
-    monkeypatch.setenv(DATA_ENV, "elsewhere")
-    assert default_data_dir(tmp_path) == str(tmp_path / "elsewhere")  # relative to the root
-    monkeypatch.setenv(DATA_ENV, str(tmp_path / "abs"))
-    assert default_data_dir(tmp_path) == str(tmp_path / "abs")
+    assert resolve_data_dir(root=tmp_path) == str(tmp_path / "data")  # nothing says where: downloads go there
     (tmp_path / "data" / "FashionMNIST" / "raw").mkdir(parents=True)
-    assert default_data_dir(tmp_path) == str(tmp_path / "data")
+    monkeypatch.setenv(DATA_ENV, "elsewhere")
+    assert resolve_data_dir(root=tmp_path) == str(tmp_path / "elsewhere")  # relative to the root
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "abs"))
+    assert resolve_data_dir(root=tmp_path) == str(tmp_path / "abs")
+    assert resolve_data_dir("given", root=tmp_path) == str(tmp_path / "given")
     monkeypatch.chdir(tmp_path)
-    assert default_data_dir() == "data"
+    monkeypatch.delenv(DATA_ENV)
+    assert resolve_data_dir() == "data"

@@ -4,6 +4,7 @@ cells run in order, no errors, and small enough to browse.
 (nbmake, configured in pyproject.toml, runs every notebook again as a test of its own.)"""
 
 import base64
+import re
 
 import nbformat
 import pytest
@@ -37,3 +38,16 @@ def test_notebook_is_committed_executed_in_order_without_errors_and_small(path):
             if png:
                 assert len(base64.b64decode(png)) <= MAX_IMAGE_BYTES, f"{path.name}: an image is too large to browse"
     assert path.stat().st_size <= MAX_BYTES, f"{path.name} is {path.stat().st_size} bytes: shrink its outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_shows_no_path_of_the_machine_it_ran_on_and_names_no_shared_folder(path):
+    """Outputs say "$BN_LIGHTNING_DATA" or "data/", not this machine's folders; the data is found by the one rule."""
+    notebook = nbformat.read(path, as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    for cell in code:
+        assert "shared" not in cell.source, f"{path.name}: code names a shared folder; use resolve_data_dir"
+        for output in cell.outputs:
+            text = output.get("text", "") + output.get("data", {}).get("text/plain", "")
+            found = re.search(r"(^|[\s'\"(=])/[\w.-]+/[\w.-]+/", text)
+            assert not found, f"{path.name}: an output shows an absolute path: {text[found.start():found.end() + 40]!r}"

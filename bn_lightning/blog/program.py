@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.datasets import FashionMNIST
 
-from bn_lightning.training.data import default_data_dir
+from bn_lightning.training.data import resolve_data_dir
 from bn_lightning.nn.lenet import LeNet
 
 __all__ = ["BlogBatchNorm", "blog_lenet", "load_fashion_mnist", "batches", "train_epoch", "test"]
@@ -105,8 +105,8 @@ def blog_lenet(norm: str = "blog") -> LeNet:
 
 def load_fashion_mnist(train: bool, root: str | Path | None = None) -> tuple[Tensor, Tensor]:
     """torchvision's Fashion-MNIST, never downloaded: images (N, 1, 28, 28) in [0, 1] (d2l's ToTensor),
-    labels. ``root`` defaults to :func:`bn_lightning.training.data.default_data_dir`."""
-    data = FashionMNIST(str(root or default_data_dir()), train=train, download=False)
+    labels. ``root`` defaults to :func:`bn_lightning.training.data.resolve_data_dir`."""
+    data = FashionMNIST(resolve_data_dir(root), train=train, download=False)
     return data.data.unsqueeze(1).float() / 255, data.targets
 
 

@@ -1,7 +1,7 @@
 """``python -m bn_lightning.compare``: run a matrix of CLI configs over seeds (and optional extra axes),
 then tabulate and plot the runs.
 
-    python -m bn_lightning.compare configs/compare/d2l.yaml [--workers 2] [--set data.data_dir=../shared/data]
+    python -m bn_lightning.compare configs/compare/d2l.yaml [--workers 2] [--set data.data_dir=DIR]
     python -m bn_lightning.compare configs/compare/d2l.yaml --launcher slurm [--partition gpu --gpus-per-node 1]
 
 A comparison file names the configs, the seeds, optional ``grid`` axes (a CLI option and its
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="runs at the same time, each in its own process (local)")
     parser.add_argument("--out", type=Path, help="where the runs and results go (default lightning_logs/compare/<name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a CLI option for every run, e.g. data.data_dir=../shared/data (repeatable)")
+                        help="a CLI option for every run, e.g. data.data_dir=DIR (repeatable)")
     slurm = parser.add_argument_group("--launcher slurm", "each overrides the comparison file's slurm: key of its name")
     for key, (kind, default, what) in SLURM.items():
         slurm.add_argument(f"--{key.replace('_', '-')}", type=kind,

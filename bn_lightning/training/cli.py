@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bn_lightning.nn import legacy
 from bn_lightning.training._private import known_subclasses
-from bn_lightning.training.data import FashionMNISTDataModule, default_data_dir
+from bn_lightning.training.data import FashionMNISTDataModule, resolve_data_dir
 from bn_lightning.training.errors import CLEAR_ERRORS
 from bn_lightning.training.module import Classifier
 from bn_lightning.training.resume import EXIT_CODES, StopAndResume, find_last_checkpoint, run_folders
@@ -63,7 +63,7 @@ class BNLightningCLI(LightningCLI):
         # The DataModule's own rules for these two, applied here because under LightningCLI its
         # hyperparameters are the config's: config.yaml and hparams.yaml then record what was chosen.
         if config.data.data_dir is None:
-            config.data.data_dir = default_data_dir()
+            config.data.data_dir = resolve_data_dir()
         if config.data.shuffle_seed is None:  # seed_everything's seed, set by now
             config.data.shuffle_seed = torch.initial_seed()
         if config.get("weights_only") is None:

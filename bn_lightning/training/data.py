@@ -27,13 +27,12 @@ CLASSES = FashionMNIST.classes
 DATA_ENV = "BN_LIGHTNING_DATA"  # a torchvision root holding Fashion-MNIST elsewhere than data/
 
 
-def default_data_dir(root: str | Path = ".") -> str:
-    """``data`` under ``root`` (the working directory) when it holds Fashion-MNIST (or nothing else says
-    where it is: downloads go there), else ``$BN_LIGHTNING_DATA`` (a relative one taken from ``root``)."""
-    root = Path(root)
-    if (root / "data" / "FashionMNIST" / "raw").is_dir() or not os.environ.get(DATA_ENV):
-        return str(root / "data")
-    return str(root / os.environ[DATA_ENV])
+def resolve_data_dir(explicit: str | Path | None = None, root: str | Path = ".") -> str:
+    """Where Fashion-MNIST is, by the one rule of the CLI, notebooks, benchmarks and tests: ``explicit``
+    (``--data.data_dir``) when given, else ``$BN_LIGHTNING_DATA``, else ``data/``, where a download goes.
+    Relative paths are taken from ``root`` (the working directory)."""
+    chosen = explicit if explicit is not None else os.environ.get(DATA_ENV) or "data"
+    return str(Path(root) / chosen)
 
 
 def _corrupt(path: Path, problem: str) -> CorruptDataError:
@@ -113,7 +112,7 @@ class FashionMNISTDataModule(LightningDataModule):
     """Fashion-MNIST with a seeded train/validation split of the official training set.
 
     Args:
-        data_dir: torchvision root, the folder that holds ``FashionMNIST/raw``; None: ``default_data_dir()``,
+        data_dir: torchvision root, the folder that holds ``FashionMNIST/raw``; None: ``resolve_data_dir()``,
             which the CLI writes into the run's config.yaml.
         batch_size: images per batch, for every stage.
         val_size: images of the 60,000 training images held out for validation.
@@ -154,7 +153,7 @@ class FashionMNISTDataModule(LightningDataModule):
         if std <= 0:
             raise ValueError(f"std must be positive (inputs are divided by it), got {std}")
         # Saved as text: a Path in the checkpoint would not load weights-only.
-        data_dir = str(data_dir) if data_dir is not None else default_data_dir()
+        data_dir = str(data_dir) if data_dir is not None else resolve_data_dir()
         if shuffle_seed is None:
             shuffle_seed = torch.initial_seed()
         self.save_hyperparameters()
