@@ -103,3 +103,46 @@ def test_a_batch_size_that_would_leave_one_image_last_trains_without_it(tiny_dat
     last = torch.load(tmp_path / "lightning_logs" / "lenet_bn_scratch" / "version_0" / "checkpoints" / "last.ckpt",
                       weights_only=True)
     assert last["global_step"] == 6  # 3 batches an epoch
+
+
+CONFIG = str(REPO / "configs" / "lenet_no_bn.yaml")
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--ckpt_path", "nope.ckpt"], "error: --ckpt_path nope.ckpt: no such checkpoint file; give the path of a .ckpt "
+                                   "file, or --ckpt_path last to resume the run's newest checkpoint"),
+    (["--config", "configs/nope.yaml"], "error: --config configs/nope.yaml: no such file; the run configs are in "
+                                        "configs/ (python -m bn_lightning fit --config configs/lenet_bn_scratch.yaml)"),
+    (["--config", str(REPO / "configs" / "seed_adam.yaml")], f"error: --config {REPO / 'configs' / 'seed_adam.yaml'}: no such file; "
+                                                                 f"it is {REPO / 'configs' / 'blog_adam.yaml'} since release 0.2"),
+    (["--trainer.max_epoch=3"], "error: unrecognized arguments: --trainer.max_epoch=3; did you mean --trainer.max_epochs?"),
+    (["--trainer.max_epochs=abc"], "error: --trainer.max_epochs: expected int or null, got abc"),
+    (["--model.net.init_args.norm=batchnorm"], "error: unknown norm 'batchnorm'; choose one of: none, scratch, torch, "
+                                               "noisy_bn, batch_renorm, group_norm, layer_norm"),
+    (["--model.net.init_args.activation=tanh"], "error: --model.net.init_args.activation: expected one of 'sigmoid', "
+                                                "'relu', got tanh"),
+    (["--model.net.init_args.norm_kwargs.momentum=0.5"], "error: norm_kwargs momentum: norm 'none' takes none"),
+    (["--model.optimizer=Sgd"], "error: --model.optimizer: Sgd is not a class it knows; it takes one of: "
+                                "torch.optim.Optimizer, torch.optim.Adafactor"),
+], ids=["missing checkpoint", "missing config", "renamed config", "typo prefix", "bad type", "unknown norm",
+        "unknown activation", "option of another norm", "unknown optimizer"])
+def test_a_bad_command_line_is_one_error_line_and_leaves_nothing_behind(args, line, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    command = ["fit", "--config", CONFIG, f"--data.data_dir={tmp_path / 'data'}", "--data.download=false", *args]
+    with pytest.raises(SystemExit) as done:
+        main(command)
+    assert done.value.code == 2
+    lines = [text for text in capsys.readouterr().err.splitlines() if text.strip()]
+    assert lines[-1].startswith(line) and not any(text.startswith("usage:") for text in lines)
+    assert "Traceback" not in "\n".join(lines)
+    assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "data").exists()
+
+
+def test_fit_help_is_one_line_per_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) <= 150 and "known subclasses" not in text
+    for option in ("--trainer.max_epochs", "--model.net", "--model.optimizer", "--data.batch_size", "--ckpt_path",
+                   "--checkpoint.monitor", "--test_after_fit"):
+        assert re.search(rf"^  {re.escape(option)}\s", text, re.M), option

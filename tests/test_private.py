@@ -126,6 +126,19 @@ def test_known_subclasses_are_the_classes_jsonargparse_lists_in_help():
     assert _private.known_subclasses(parser, "no_such_key") == ""
 
 
+def test_option_strings_and_groups_list_every_option_of_a_parser():
+    parser = _ArgumentParser(prog="demo")
+    parser.add_argument("--alpha", type=int, help="the first")
+    group = parser.add_argument_group("Settings of beta")
+    group.add_argument("--beta.gamma", type=float, default=0.5)
+    assert {"--alpha", "--beta.gamma", "--help"} <= set(_private.option_strings(parser)), broken(
+        "option_strings", "argparse's _option_string_actions changed")
+    groups = dict(_private.option_groups(parser))
+    assert [a.dest for a in groups["Settings of beta"]] == ["beta.gamma"], broken(
+        "option_groups", "argparse's _action_groups or _group_actions changed")
+    assert "alpha" in [a.dest for actions in groups.values() for a in actions]
+
+
 def test_has_hooks_sees_a_hook_of_any_kind_on_any_submodule():
     net = LeNet("scratch")
     assert not _private.has_hooks(net), broken("has_hooks", "a fresh LeNet has hooks")

@@ -47,6 +47,8 @@ class LeNet(nn.Sequential):
     noise seeds follow from torch's seed, so its weights equal those of ``scratch`` built after the same seed.
     """
 
+    input_shape = (1, 28, 28)  # one image
+
     def __init__(self, norm: str = "none", norm_kwargs: NormKwargs = None, activation: Activation = "sigmoid",
                  pool: Pool = "avg", norm_position: NormPosition = "before", init_gain: float = 1.0) -> None:
         _choose("norm", norm, NORMS)
@@ -85,6 +87,6 @@ class LeNet(nn.Sequential):
                 nn.init.xavier_uniform_(module.weight, gain=init_gain)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1:] != (1, 28, 28):
+        if x.dim() != 4 or x.shape[1:] != self.input_shape:
             raise ValueError(f"LeNet expects images of shape (N, 1, 28, 28), got {tuple(x.shape)}")
         return super().forward(x)

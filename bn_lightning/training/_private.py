@@ -50,6 +50,18 @@ def known_subclasses(parser, key: str) -> str:
     return getattr(action, "extra_help", lambda: "")().partition("known subclasses: ")[2]
 
 
+def option_strings(parser) -> list[str]:
+    """Every option string a parser takes (``--trainer.max_epochs``...): argparse's table of options, which no
+    public API lists; the CLI suggests the closest one for an unknown option."""
+    return list(parser._option_string_actions)
+
+
+def option_groups(parser) -> list[tuple[str, list]]:
+    """Each group of a parser's options, as ``--help`` lists them: its title and its argparse actions
+    (argparse's ``_action_groups``, which no public API exposes); the CLI's one-line-per-option help."""
+    return [(group.title or "", list(group._group_actions)) for group in parser._action_groups]
+
+
 def has_hooks(net: nn.Module) -> bool:
     """Whether any module of ``net`` has a forward or backward hook of its own. A compiled graph runs the
     hooks its modules had when it was traced and, by torch's default (``skip_nnmodule_hook_guards``),

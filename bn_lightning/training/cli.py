@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import logging
 import re
 import signal
 import sys
@@ -12,34 +15,109 @@ from pathlib import Path
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bn_lightning.nn import legacy
-from bn_lightning.training._private import known_subclasses
+from bn_lightning.training._private import known_subclasses, option_groups, option_strings
 from bn_lightning.training.data import FashionMNISTDataModule, resolve_data_dir
 from bn_lightning.training.errors import CLEAR_ERRORS
 from bn_lightning.training.module import Classifier
+from bn_lightning.training.progress import ProgressBar
 from bn_lightning.training.resume import EXIT_CODES, StopAndResume, find_last_checkpoint, run_folders
 from bn_lightning.training.sync import BatchNormSync
 
 # What every run shares; a run config says only what differs (configs/*.yaml).
 DEFAULTS = Path(__file__).with_name("defaults.yaml")
+LIGHTNING_CKPT_NAMES = {"best", "last", "hpc", "registry"}  # --ckpt_path values Lightning resolves itself
+# Run configs renamed since release 0.1: a clear message instead of "file does not exist".
+RENAMED_CONFIGS = {"seed_adam.yaml": "blog_adam.yaml", "seed_adam_scratch.yaml": "blog_adam_scratch.yaml"}
 
 
 class _ArgumentParser(LightningArgumentParser):
-    """Ends an error about a class-valued key whose class was not found (``--model.optimizer Sgd``)
-    with the classes that key knows, which jsonargparse otherwise lists only in ``--help``; not when
-    they are hundreds (``model.net`` knows every ``torch.nn.Module``)."""
+    """A bad command line ends in one ``error:`` line that says what was wrong and how to fix it, without the
+    usage dump (``--help`` shows that): an unknown option gets the closest valid one, a class-valued key whose
+    class was not found (``--model.optimizer Sgd``) the classes it knows, when they are few."""
+
+    def format_help(self) -> str:
+        """A subcommand's options one line each (``fit --help`` was 1,665 lines, most of them every
+        ``torch.nn.Module`` subclass): ``--<key>.help CLASS`` shows one class's options in full."""
+        return compact_help(self) if " " in self.prog.strip() else super().format_help()
 
     def error(self, message: str, ex: Exception | None = None):
-        key = re.match(r'Parser key "([^"]+)"', message)
-        known = key and known_subclasses(self, key[1])
-        if known and known.count(",") < 30 and "Problem with given class_path" not in message:
-            message += f"\n  {key[1]} takes one of: {known} (a class name alone, as in SGD, will do)"
-        super().error(message, ex)
+        if not self.exit_on_error:  # jsonargparse parsing a part (a subcommand, a nested class): it handles this
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        sys.stderr.write(f"error: {one_line(message, parser)}\n")
+        sys.exit(2)
+
+
+def compact_help(parser, width: int = 118) -> str:
+    """Every option of ``parser`` on one line, its default and the first sentence of its help, by group."""
+    lines = [f"usage: {parser.prog} [--config FILE] [--KEY VALUE ...]", "",
+             "Each option with its default and the first sentence of its help. A class-valued option takes a class",
+             "name or path; --KEY.help CLASS lists that class's own options (--model.net.help LeNet).", ""]
+    for title, actions in option_groups(parser):
+        shown = [action for action in actions if action.help != argparse.SUPPRESS and action.option_strings]
+        if not shown:
+            continue
+        lines.append(title.split(":")[0].split(". ")[0].rstrip(".") + ":")
+        for action in shown:
+            name = max((o for o in action.option_strings if not o.endswith("+")), key=len, default=action.option_strings[0])
+            default = _default(parser, action)
+            summary = re.split(r"(?<=[.!?])\s|\s\(type:", " ".join(str(action.help or "").split()))[0].rstrip(".")
+            text = f"  {name:<44} {f'[{default}] ' if default else ''}{summary}"
+            lines.append(text if len(text) <= width else text[:width - 3] + "...")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _default(parser, action) -> str:
+    """An option's default as one short word: a class's name, a value; "" when there is none to show."""
+    try:
+        value = parser.get_default(action.dest)
+    except (KeyError, TypeError, ValueError):
+        return ""
+    if isinstance(value, dict) or hasattr(value, "class_path"):
+        value = value.get("class_path") if isinstance(value, dict) else value.class_path
+        value = str(value).rsplit(".", 1)[-1]
+    if value is None or value == argparse.SUPPRESS or isinstance(value, (list, tuple)) and not value:
+        return ""
+    if isinstance(value, (list, tuple)) and all(isinstance(item, dict) or hasattr(item, "class_path") for item in value):
+        return f"{len(value)} classes"
+    text = str(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def one_line(message: str, parser) -> str:
+    """jsonargparse's message, nested over several lines, as one: the option's full name, what it expected and
+    what it got, with the closest valid option for an unknown one and the classes a class-valued key takes."""
+    unknown = re.match(r"unrecognized arguments: (--[\w.]+)", message)
+    if unknown:
+        close = difflib.get_close_matches(unknown[1], option_strings(parser), n=1, cutoff=0.6)
+        return message + (f"; did you mean {close[0]}?" if close else "; --help lists the options")
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    if not keys:
+        return " ".join(line.strip() for line in message.splitlines() if line.strip())
+    option = keys[0] + "".join(f".init_args.{key}" for key in keys[1:])
+    expected = re.findall(r"Expected a (?:typing\.)?(Literal\[.*?\]|<class '(\w+)'>|[^:\n.]+)", message)
+    given = re.search(r"(?:Given|Got) value: (.*)|but (\S+) either not accessible", message)
+    found = re.search(r"File does not exist: (.*)", message)
+    if found:
+        return f"--{option} {found[1]}: no such file"
+    known = known_subclasses(parser, keys[0])
+    if known and known.count(",") < 30 and "Problem with given class_path" not in message:
+        return f"--{option}: {given[1] or given[2] if given else 'that'} is not a class it knows; it takes one of: {known} " \
+               "(a class name alone, as in SGD, will do)"
+    if expected and given:
+        kinds = [name or ("one of " + kind.removeprefix("Literal[").removesuffix("]") if kind.startswith("Literal")
+                          else kind) for kind, name in expected]
+        kinds = ["null" if kind == "NoneType" else kind for kind in dict.fromkeys(kinds)]
+        return f"--{option}: expected {' or '.join(kinds)}, got {given[1] or given[2]}"
+    return f"--{option}: " + " ".join(line.strip() for line in message.splitlines()[1:] if line.strip())
 
 
 class BNLightningCLI(LightningCLI):
@@ -70,6 +148,10 @@ class BNLightningCLI(LightningCLI):
             # Our checkpoints hold tensors, numbers, strings and containers only, nothing to unpickle.
             config.weights_only = True
         if self.subcommand == "fit":
+            lr = config.get("model.optimizer.init_args.lr")
+            if lr is not None and not lr > 0:
+                self.parser.error(f"model.optimizer.init_args.lr must be a positive learning rate, got {lr}; "
+                                  "set it in the config or with --model.optimizer.init_args.lr")
             self._resume(config)
 
     def _resume(self, config) -> None:
@@ -92,6 +174,9 @@ class BNLightningCLI(LightningCLI):
                 return
             config.ckpt_path = str(found)
         checkpoint = Path(config.ckpt_path) if config.ckpt_path else None
+        if checkpoint is not None and not checkpoint.is_file() and str(checkpoint) not in LIGHTNING_CKPT_NAMES:
+            self.parser.error(f"--ckpt_path {checkpoint}: no such checkpoint file; give the path of a .ckpt file, "
+                              "or --ckpt_path last to resume the run's newest checkpoint")
         if checkpoint is None or not checkpoint.is_file() or root is None:
             return  # "best", "hpc", a missing file...: Lightning's own handling and messages
         run = checkpoint.resolve().parent.parent
@@ -125,8 +210,12 @@ class BNLightningCLI(LightningCLI):
                           "checkpoint's path")
 
     def instantiate_trainer(self, **kwargs):
-        """``trainer.sync_batchnorm: true`` synchronizes our BN as well as torch's (BatchNormSync)."""
+        """``trainer.sync_batchnorm: true`` synchronizes our BN as well as torch's (BatchNormSync); the progress
+        bar, when on, is ours (``progress.ProgressBar``: a resumed epoch shows its number and total)."""
         trainer = self.config_init[self.subcommand].trainer
+        if trainer.enable_progress_bar is not False and not any(
+                isinstance(callback, ProgressBarBase) for callback in trainer.callbacks or []):
+            self.trainer_defaults["callbacks"] = [*self.trainer_defaults.get("callbacks", []), ProgressBar()]
         if trainer.sync_batchnorm and "plugins" not in kwargs:
             plugins = trainer.plugins or []
             kwargs["plugins"] = [*(plugins if isinstance(plugins, list) else [plugins]), BatchNormSync()]
@@ -140,14 +229,10 @@ class BNLightningCLI(LightningCLI):
             self.parser.error(str(err), err)
 
     def after_instantiate_classes(self) -> None:
-        """Before a fit reads any data: a learning rate that is not positive is rejected, and building
-        the optimizer once lets torch.optim check its other settings (momentum, weight_decay...)."""
+        """Before a fit reads any data, building the optimizer once lets torch.optim check its settings
+        (momentum, weight_decay...)."""
         if self.subcommand != "fit":
             return
-        lr = self.config.fit.get("model.optimizer.init_args.lr")
-        if lr is not None and not lr > 0:
-            self.parser.error(f"model.optimizer.init_args.lr must be a positive learning rate, got {lr}; "
-                              "set it in the config or with --model.optimizer.init_args.lr")
         try:
             self.model.configure_optimizers()
         except ValueError as err:
@@ -181,6 +266,11 @@ def translate_legacy(args: list[str]) -> list[str]:
         if arg == "--config" and i + 1 < len(args) or arg.startswith("--config="):
             at = i + 1 if arg == "--config" else i
             path = Path(args[at].removeprefix("--config="))
+            if path.suffix in (".yaml", ".yml") and not path.is_file():
+                renamed = RENAMED_CONFIGS.get(path.name)
+                raise ValueError(f"--config {path}: no such file" + (
+                    f"; it is {path.with_name(renamed)} since release 0.2" if renamed else
+                    "; the run configs are in configs/ (python -m bn_lightning fit --config configs/lenet_bn_scratch.yaml)"))
             config = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") and path.is_file() else None
             net = (config.get("model") or {}).get("net") if isinstance(config, dict) else None
             if not (isinstance(net, dict) and net.get("class_path") in LENET_PATHS):
@@ -202,17 +292,33 @@ def translate_legacy(args: list[str]) -> list[str]:
     return args
 
 
+class _NoAdvertisement(logging.Filter):
+    """Drops Lightning's tip to install litlogger, printed at every fit: an advertisement, not about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def quiet_lightning() -> None:
+    """What a fit would print that its user did not cause: Lightning's litlogger advertisement, and the
+    FutureWarning torch raises on Lightning 2.6's own use of its deprecated pytree API (``LeafSpec``)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisement())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def main(args=None) -> BNLightningCLI:
     """Run the CLI. A fit stopped by SIGTERM or Ctrl-C (``StopAndResume``, on in every run) exits with
     status 143 or 130, as a shell reports those signals, after saving ``checkpoints/interrupted.ckpt``."""
     stopper = StopAndResume()
+    quiet_lightning()
     try:
         if args is None:  # the command line, read by LightningCLI itself (given args, it warns of a mix-up)
             sys.argv[1:] = translate_legacy(sys.argv[1:])
         else:
             args = translate_legacy(args)
-    except ValueError as err:
-        sys.exit(f"error: {err}")
+    except ValueError as err:  # a bad command line, as the parser reports one
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
     try:
         return BNLightningCLI(
             Classifier,
@@ -220,10 +326,11 @@ def main(args=None) -> BNLightningCLI:
             trainer_defaults={"callbacks": [stopper]},  # the rest of the defaults: defaults.yaml
             args=args,
             parser_class=_ArgumentParser,
-            parser_kwargs={"prog": "python -m bn_lightning"},
+            # No abbreviations: --trainer.max_epoch is an error with a suggestion, not max_epochs silently.
+            parser_kwargs={"prog": "python -m bn_lightning", "allow_abbrev": False},
         )
     except CLEAR_ERRORS as err:
-        sys.exit(f"error: {err}")
+        sys.exit("error: " + " ".join(line.strip() for line in str(err).splitlines() if line.strip()))
     except SIGTERMException as stop:  # a SystemExit without a code, which would exit with 0
         raise SystemExit(EXIT_CODES[stopper.requested or signal.SIGTERM]) from stop
 

@@ -102,6 +102,9 @@ class Classifier(LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net"] = network_hparams(net)
         self.net = net
+        if getattr(net, "input_shape", None):
+            # What Lightning's model summary runs through the network: FLOPs and sizes per layer, not 0 FLOPs.
+            self.example_input_array = torch.zeros(2, *net.input_shape)
         self.trained_weights = restrict_training(net, trainable, train_head, trainable_seed)
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self._compiled_call = None

@@ -211,11 +211,13 @@ class StopAndResume(Callback):
             self._saving = None
         self.saved = path
         where = "between two batches" if at_boundary else "in the middle of a batch (resuming from it is not exact)"
-        rank_zero_info(
-            f"Training stopped on {stopped_by} at epoch {trainer.current_epoch}, step {trainer.global_step}. "
-            f"Saved the state, {where}, to {path}. Continue with the same command plus --ckpt_path last "
-            f"(or --ckpt_path {path})."
-        )
+        message = (f"Training stopped on {stopped_by} at epoch {trainer.current_epoch}, step {trainer.global_step}. "
+                   f"Saved the state, {where}, to {path}. Continue with the same command plus --ckpt_path last "
+                   f"(or --ckpt_path {path}).")
+        if trainer.progress_bar_callback is not None:  # on a line of its own, not glued to the bar's
+            trainer.progress_bar_callback.print(message)
+        else:
+            rank_zero_info(message)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._uninstall()
