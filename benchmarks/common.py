@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import platform
+import sys
 import statistics
 import tempfile
 import time
@@ -63,16 +64,32 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         # glibc's allocator settings, when set: they decide whether freed memory is page-faulted back in.
         "malloc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
     }
 
 
-def write_results(name: str, rows: list[dict], table: str) -> Path:
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), and how many cores this process may use."""
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or 'unknown'}, {len(os.sched_getaffinity(0))} cores"
+
+
+def write_results(name: str, rows: list[dict], table: str, title: str | None = None) -> Path:
+    """``benchmarks/results/<name>.json`` (what ran: the command, the machine, every row) and ``<name>.md`` (the
+    table), which docs/make_pages.py turns into docs/performance.md."""
     RESULTS.mkdir(exist_ok=True)
+    script = sys.modules["__main__"]
+    command = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    title = title or (script.__doc__ or name).strip().splitlines()[0]
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=2) + "\n")
+    path.write_text(json.dumps({"title": title, "command": command, "environment": environment(), "rows": rows},
+                               indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(table + "\n")
     return path
 
@@ -88,7 +105,7 @@ def report(name: str, title: str, header: list[str], table: list[list], rows: li
     text = markdown_table(header, table)
     print(title)
     print(text)
-    print("written", write_results(name, rows, text))
+    print("written", write_results(name, rows, text, title))
 
 
 def add_blog_arguments(parser, out: Path) -> None:

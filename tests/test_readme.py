@@ -1,15 +1,19 @@
-"""The README's quick start is what CI runs."""
+"""The README's commands are what a user runs and what CI runs."""
 
 import re
 
 from helpers import REPO
 
 
-def test_readme_has_two_quick_start_commands_and_ci_runs_the_test_one():
+def section(readme: str, title: str) -> list[str]:
+    """The bash blocks of a README section."""
+    return re.findall(r"```bash\n(.*?)\n```", readme.split(f"## {title}", 1)[1].split("\n## ", 1)[0], re.S)
+
+
+def test_the_quick_start_trains_a_run_and_ci_runs_the_readmes_test_command():
     readme = (REPO / "README.md").read_text()
-    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    commands = re.findall(r"```bash\n(.*?)\n```", quick_start, re.S)
-    assert len(commands) == 2 and all("\n" not in c for c in commands)
-    assert "python -m bn_lightning fit --config configs/" in commands[0]
+    assert any("python -m bn_lightning fit --config configs/" in command for command in section(readme, "Quick start"))
+    tests = section(readme, "Tests")
+    assert len(tests) == 1 and "\n" not in tests[0]
     ci_command = re.search(r"^TEST_COMMAND='(.*)'$", (REPO / ".ci" / "run").read_text(), re.M).group(1)
-    assert ci_command == commands[1]
+    assert ci_command == tests[0]
