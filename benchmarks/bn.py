@@ -20,7 +20,7 @@ from torch import nn
 
 from bn_lightning.blog import BlogBatchNorm
 from bn_lightning.nn.batchnorm import BatchNorm1d, BatchNorm2d
-from common import PeakAllocatedBytes, markdown_table, median_times, write_results
+from common import PeakAllocatedBytes, median_times, report
 
 SHAPES = [(256, 6, 24, 24), (256, 16, 8, 8), (256, 120), (256, 64, 32, 32)]
 
@@ -103,11 +103,8 @@ def main() -> None:
         ])
     header = ["shape", "train ms (torch)", "ours/torch", "compiled/torch", "blog/torch", "eval ms (torch)",
               "ours/torch", "compiled/torch", "blog/torch", "peak MiB (torch)", "ours/torch", "blog/torch"]
-    text = markdown_table(header, table)
-    print(f"BatchNorm forward+backward (train) and forward (eval), float32, {device}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(text)
-    print("written", write_results("bn", rows, text))
+    report("bn", f"BatchNorm forward+backward (train) and forward (eval), float32, {device}, "
+           f"{torch.get_num_threads()} threads, median of {args.repeats}", header, table, rows)
 
 
 if __name__ == "__main__":

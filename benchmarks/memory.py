@@ -20,7 +20,7 @@ from torch import nn
 
 from bn_lightning.blog import BlogBatchNorm, rss_bytes
 from bn_lightning.nn.lenet import LeNet
-from common import markdown_table, write_results
+from common import report
 
 
 def with_blog_bn(net: LeNet) -> LeNet:
@@ -66,11 +66,9 @@ def main() -> None:
         rows.append({"layer": layer, "rss_mib": samples, "slope_kib_per_step": slope})
         table.append([layer, samples[-1][0], f"{mibs[0]:.1f}", f"{mibs[-1]:.1f}", f"{min(mibs):.1f} - {max(mibs):.1f}",
                       f"{slope:+.1f}"])
-    text = markdown_table(["layer", "steps", "RSS after warm-up (MiB)", "RSS at the end (MiB)", "range (MiB)",
-                           "trend (KiB/step)"], table)
-    print(f"LeNet with BN, batch {args.batch_size}, SGD; resident set size of this process")
-    print(text)
-    print("written", write_results("memory", rows, text))
+    report("memory", f"LeNet with BN, batch {args.batch_size}, SGD; resident set size of this process",
+           ["layer", "steps", "RSS after warm-up (MiB)", "RSS at the end (MiB)", "range (MiB)", "trend (KiB/step)"],
+           table, rows)
 
 
 if __name__ == "__main__":

@@ -61,9 +61,21 @@ class _NoisyBatchNorm(_BatchNorm):
         return f"{super().extra_repr()}, noise_shift={self.noise_shift}, noise_scale={self.noise_scale}"
 
 
+_ARGS = """
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias, sync, process_group:
+            as :class:`bn_lightning.nn.BatchNorm2d`'s.
+        noise_shift: the largest shift of a channel's mean, drawn uniformly in [-noise_shift, noise_shift].
+        noise_scale: the largest factor on a channel's std; its log is drawn uniformly in +-log(noise_scale).
+        noise_seed: seeds the noise of every step (with the step's number); None draws one from torch's RNG.
+            ``LeNet(norm="noisy_bn")`` seeds each layer from torch's seed and the layer's position."""
+
+
 class NoisyBatchNorm1d(_NoisyBatchNorm, BatchNorm1d):
-    """Noisy BN over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input."""
+    __doc__ = """Noisy BN over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input.
+""" + _ARGS
 
 
 class NoisyBatchNorm2d(_NoisyBatchNorm, BatchNorm2d):
-    """Noisy BN over a 4D ``(N, C, H, W)`` input."""
+    __doc__ = """Noisy BN over a 4D ``(N, C, H, W)`` input.
+""" + _ARGS

@@ -155,13 +155,27 @@ class _BatchRenorm(_NormBase):
                 f"r_relax_steps={self.r_relax_steps}, d_relax_steps={self.d_relax_steps}")
 
 
-class BatchRenorm1d(_BatchRenorm):
-    """Batch Renorm over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input; BatchNorm1d's options, and the limits."""
+_ARGS = """
+    Args:
+        num_features, eps, momentum, affine, device, dtype, bias: as :class:`bn_lightning.nn.BatchNorm2d`'s
+            (``track_running_stats`` must stay True: the running statistics are what it corrects toward).
+        r_max: the largest factor by which r corrects the batch's std toward the running one (and 1 / r_max the
+            smallest); 1 is plain BN.
+        d_max: the largest shift, in running stds, by which d corrects the batch's mean; 0 is plain BN.
+        warmup_steps: training steps of plain BN before the limits start to relax.
+        r_relax_steps, d_relax_steps: steps over which r_max and d_max then grow linearly to their values.
 
+    Eval, checkpoints and the running update are BN's. Unlike BN it has no ``sync``: each process renormalizes
+    with its own batch (``Trainer(sync_batchnorm=True)`` refuses it)."""
+
+
+class BatchRenorm1d(_BatchRenorm):
+    __doc__ = """Batch Renorm over a 2D ``(N, C)`` or 3D ``(N, C, L)`` input.
+""" + _ARGS
     _input_ranks = (2, 3)
 
 
 class BatchRenorm2d(_BatchRenorm):
-    """Batch Renorm over a 4D ``(N, C, H, W)`` input; BatchNorm2d's options, and the limits."""
-
+    __doc__ = """Batch Renorm over a 4D ``(N, C, H, W)`` input.
+""" + _ARGS
     _input_ranks = (4,)
