@@ -15,7 +15,6 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from bn_lightning.nn import lenet
 from bn_lightning.nn.registry import NORMS
 from bn_lightning.training._private import write_summary
 
@@ -137,9 +136,11 @@ class TensorBoardComparison(Callback):
         hparams = {"optimizer": type(optimizer).__name__, "lr": optimizer.param_groups[0]["lr"]}
         domains = {}
         net = pl_module.hparams.get("net", {}).get("init_args", {})
-        for choice, table in (("norm", NORMS), ("activation", lenet.ACTIVATIONS), ("pool", lenet.POOLS)):
+        for choice in ("norm", "activation", "pool"):  # TensorBoard gathers each one's values over the runs
             if choice in net:
-                hparams[choice], domains[choice] = net[choice], list(table)
+                hparams[choice] = net[choice]
+        if "norm" in net:
+            domains["norm"] = list(NORMS)  # every choice, so a filter can show the norms no run has yet
         data = getattr(trainer.datamodule, "hparams", {})
         hparams |= {key: data[key] for key in ("batch_size", "shuffle_seed") if key in data}
         return hparams, domains

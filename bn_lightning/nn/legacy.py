@@ -49,9 +49,10 @@ def uses_flat_arguments(init_args: dict) -> bool:
     return any(key in FLAT for key in init_args)
 
 
-class LeNet(_LeNet):
+class LeNetOfRelease01(_LeNet):
     """``bn_lightning.model.LeNet`` of release 0.1: builds today's :class:`bn_lightning.nn.LeNet` from 0.1's
-    arguments (``translate``), with a ``FutureWarning`` that gives the new spelling."""
+    arguments (``translate``), with a ``FutureWarning`` that gives the new spelling. Named apart, so that the
+    command line's ``LeNet`` (a class name alone) is today's only."""
 
     def __new__(cls, norm: str = "none", activation: str = "sigmoid", pool: str = "avg",
                 norm_position: str = "before", init_gain: float = 1.0, noise_shift: float = 1.0,
@@ -72,3 +73,6 @@ class LeNet(_LeNet):
                  renorm_warmup_steps: int = 200, renorm_r_relax_steps: int = 800, renorm_d_relax_steps: int = 500,
                  norm_groups: int = 2, bn_momentum: float | None = 0.1) -> None:
         raise AssertionError("unreachable: __new__ returns a bn_lightning.nn.LeNet")  # the signature jsonargparse reads
+
+
+LeNet = LeNetOfRelease01  # the name 0.1's configs and checkpoints import
