@@ -54,15 +54,17 @@ class BlogBatchNorm(nn.Module):
     ``momentum``, not the book's). The variance is the biased one, in the running estimate too. The
     statistics are plain attributes, as in the book, so ``state_dict`` and ``.to()`` do not see them.
     ``detach=True`` is the one-line fix; it changes no number, only what the statistics keep alive.
+    ``unbiased=True`` takes the running variance unbiased, by a separate ``X.var(correction=1)``: the fix of
+    another mistake that, without ``detach``, keeps every step's input alive (notebook 02 measures it).
     """
 
     def __init__(self, num_features: int, num_dims: int, alpha: float = 0.9, eps: float = 1e-5,
-                 detach: bool = False) -> None:
+                 detach: bool = False, unbiased: bool = False) -> None:
         super().__init__()
         shape = (1, num_features) if num_dims == 2 else (1, num_features, 1, 1)
         self.gamma, self.beta = nn.Parameter(torch.ones(shape)), nn.Parameter(torch.zeros(shape))
         self.running_mean, self.running_var = torch.zeros(shape), torch.ones(shape)
-        self.alpha, self.eps, self.detach = alpha, eps, detach
+        self.alpha, self.eps, self.detach, self.unbiased = alpha, eps, detach, unbiased
 
     @staticmethod
     def batch_statistics(X: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,8 +78,10 @@ class BlogBatchNorm(nn.Module):
             self.running_mean, self.running_var = self.running_mean.to(X.device), self.running_var.to(X.device)
         if self.training:
             mean, var = self.batch_statistics(X)
+            dims = (0,) if X.dim() == 2 else (0, 2, 3)
+            var_for_running = X.var(dim=dims, keepdim=True, correction=1) if self.unbiased else var
             self.running_mean = self.alpha * mean + (1 - self.alpha) * self.running_mean
-            self.running_var = self.alpha * var + (1 - self.alpha) * self.running_var
+            self.running_var = self.alpha * var_for_running + (1 - self.alpha) * self.running_var
             if self.detach:  # the fix
                 self.running_mean, self.running_var = self.running_mean.detach(), self.running_var.detach()
         else:
