@@ -146,3 +146,7 @@ def test_fit_help_is_one_line_per_option(capsys):
     for option in ("--trainer.max_epochs", "--model.net", "--model.optimizer", "--data.batch_size", "--ckpt_path",
                    "--checkpoint.monitor", "--test_after_fit"):
         assert re.search(rf"^  {re.escape(option)}\s", text, re.M), option
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr()
+    assert "{fit,validate,test,predict}" in top.out + top.err, top  # the top level keeps its listing of subcommands

@@ -45,7 +45,8 @@ class _ArgumentParser(LightningArgumentParser):
     def format_help(self) -> str:
         """A subcommand's options one line each (``fit --help`` was 1,665 lines, most of them every
         ``torch.nn.Module`` subclass): ``--<key>.help CLASS`` shows one class's options in full."""
-        return compact_help(self) if " " in self.prog.strip() else super().format_help()
+        subcommand = self.prog.rsplit(" ", 1)[-1] in LightningCLI.subcommands()
+        return compact_help(self) if subcommand else super().format_help()
 
     def error(self, message: str, ex: Exception | None = None):
         if not self.exit_on_error:  # jsonargparse parsing a part (a subcommand, a nested class): it handles this
