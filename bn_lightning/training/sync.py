@@ -15,6 +15,9 @@ from torch.nn import Module
 from bn_lightning.nn.batchnorm import _BatchNorm
 from bn_lightning.nn.registry import is_batch_norm
 
+# What Lightning's TorchSyncBatchNorm converts to torch.nn.SyncBatchNorm.
+TORCH_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 
 class BatchNormSync(TorchSyncBatchNorm):
     """``Trainer(sync_batchnorm=True, plugins=[BatchNormSync()])``; the CLI adds it by itself."""
@@ -24,7 +27,7 @@ class BatchNormSync(TorchSyncBatchNorm):
 
     def apply(self, model: Module) -> Module:
         unsyncable = [m for m in model.modules() if is_batch_norm(m)
-                      and not isinstance(m, (_BatchNorm, nn.modules.batchnorm._BatchNorm))]
+                      and not isinstance(m, (_BatchNorm, *TORCH_BATCH_NORMS))]
         if unsyncable:
             raise ValueError(f"{type(unsyncable[0]).__name__} takes each process's own batch statistics: it cannot "
                              f"synchronize them across processes; set trainer.sync_batchnorm to false")
