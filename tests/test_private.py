@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from bn_lightning.training import _private
-from bn_lightning.training.cli import _ArgumentParser
+from bn_lightning.training.arguments import _ArgumentParser
 from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
 from bn_lightning.training.module import Classifier
