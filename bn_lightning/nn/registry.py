@@ -44,8 +44,8 @@ def norm_options(name: str) -> list[str]:
     factory = _factory(name)
     if hasattr(factory, "options"):
         return list(factory.options)
-    return [p for p in list(inspect.signature(factory).parameters)[3:]
-            if inspect.signature(factory).parameters[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    parameters = list(inspect.signature(factory).parameters.values())[3:]  # after (num_features, ndim, index)
+    return [p.name for p in parameters if p.kind is not p.VAR_KEYWORD]
 
 
 def check_norm_kwargs(name: str, norm_kwargs: dict | None) -> dict:
@@ -103,8 +103,8 @@ def _by_rank(classes: dict[int, type[nn.Module]]) -> NormFactory:
 
     def factory(num_features: int, ndim: int, index: int, **kwargs) -> nn.Module:
         if ndim not in classes:
-            raise ValueError(f"{', '.join(c.__name__ for c in classes.values())} take inputs of rank "
-                             f"{', '.join(map(str, classes))}, not {ndim}")
+            names = ", ".join(dict.fromkeys(c.__name__ for c in classes.values()))
+            raise ValueError(f"{names} take inputs of rank {', '.join(map(str, classes))}, not {ndim}")
         return classes[ndim](num_features, **kwargs)
 
     factory.options = options
