@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from bn_lightning.callbacks.base import EveryNSteps, LayerMonitor, channel_subset, positive
 from bn_lightning.callbacks.tensorboard import Layout, exact, histogram_summary, log_scalars, write_histogram
 from bn_lightning.nn.registry import BATCH_NORMS
+from bn_lightning.training.tags import PERCENTILES
 
-PERCENTILES = (15, 50, 85)
 # What ActivationMonitor watches, found by type in any network: torch's elementwise activations.
 ACTIVATIONS = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Softplus)

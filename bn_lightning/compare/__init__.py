@@ -3,7 +3,7 @@ tabulated and plotted (``python -m bn_lightning.compare``), and the reader of th
 
 spec (the comparison file) -> launch (the runs' processes) -> collect (each run's figures) -> report
 (tables, plots) -> results (reading a results folder back). A run is a ``python -m bn_lightning fit``
-process: of the rest of bn_lightning only ``training.errors`` (the divergence tag) is imported.
+process: of the rest of bn_lightning only ``training.tags`` (the tags it reads) is imported.
 """
 
 from bn_lightning.compare.cli import main, run_comparison

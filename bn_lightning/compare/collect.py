@@ -12,9 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from bn_lightning.compare.stats import mean_std
 from bn_lightning.compare.spec import Comparison, Run
-from bn_lightning.training.errors import DIVERGED_TAG
+from bn_lightning.training.tags import DIVERGED_TAG, PERCENTILES
 
-PERCENTILES = (15, 50, 85)
 RESULT_FILE = "result.json"
 FIGURES = ("final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch", "bn_mean_gap",
            "diverged_at_step")

@@ -16,11 +16,6 @@ class DataSizeError(ValueError):
     """A size setting that the data on disk cannot satisfy."""
 
 
-# The step at which training diverged, logged by Classifier before it raises NonFiniteLossError: the
-# comparison runner reads it from the run's events, as data, rather than from the error's message.
-DIVERGED_TAG = "train/diverged_at_step"
-
-
 class NonFiniteLossError(FloatingPointError):
     """Training diverged: a step's loss, or the weights it left, are NaN or infinite.
 

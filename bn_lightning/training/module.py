@@ -15,7 +15,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from bn_lightning.training._private import has_hooks, is_logging_step
-from bn_lightning.training.errors import DIVERGED_TAG, NonFiniteLossError
+from bn_lightning.training.errors import NonFiniteLossError
+from bn_lightning.training.tags import DIVERGED_TAG
 from bn_lightning.training.trainable import Trainable, restrict_training
 
 STAGES = ("train", "val", "test")
