@@ -55,7 +55,39 @@ def test_every_provided_comparison_loads(path):
 def test_d2l_comparison_is_three_norms_by_three_seeds_with_the_books_settings():
     comparison = compare.Comparison.load(CONFIGS / "compare" / "d2l.yaml", {})
     assert [c.stem for c in comparison.configs] == ["lenet_no_bn", "lenet_bn_scratch", "lenet_bn_torch"]
-    assert len(comparison.seeds) == 3 and not comparison.grid and not comparison.args
+    assert len(comparison.seeds) == 3 and not comparison.grid
+    # Nothing of the book's training is changed: the one addition evaluates the final weights afterwards.
+    assert comparison.args == {"trainer.callbacks+": [{"class_path": "bn_lightning.callbacks.PreciseBN",
+                                                       "init_args": {"num_images": [55000], "every_n_epochs": None}}]}
+
+
+def test_a_runs_figures_are_read_from_its_tensorboard_events(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for step, acc in [(10, 0.5), (20, 0.8), (30, 0.7), (40, 0.75)]:
+        writer.add_scalar("val/acc", acc, step)
+    writer.add_scalar("precise_bn/val_acc_256", 0.6, 30)  # not after the last epoch: not the final weights'
+    writer.add_scalar("precise_bn/val_acc_256", 0.76, 40)
+    writer.add_scalar("precise_bn/val_acc_55000", 0.77, 40)
+    writer.add_scalar("test/acc", 0.79, 40)
+    writer.close()
+    comparison = compare.Comparison(name="t", configs=[], seeds=[0], threshold=0.78)
+    figures = compare.read_run(tmp_path, comparison)
+    assert figures["val_acc_last3"] == pytest.approx((0.8 + 0.7 + 0.75) / 3)
+    assert figures["final_val_acc"] == pytest.approx(0.75) and figures["best_val_acc"] == pytest.approx(0.8)
+    assert figures["precise_val_acc"] == pytest.approx(0.77)  # the most training images
+    assert figures["test_acc"] == pytest.approx(0.79) and figures["step_to_threshold"] == 20
+    assert [value for _, value in figures["series"]["val/acc"]] == pytest.approx([0.5, 0.8, 0.7, 0.75])
+
+    other = tmp_path / "early"
+    writer = SummaryWriter(str(other))
+    writer.add_scalar("val/acc", 0.5, 10)
+    writer.add_scalar("val/acc", 0.6, 20)
+    writer.add_scalar("precise_bn/val_acc_256", 0.6, 10)  # logged every few epochs, not after the last
+    writer.close()
+    figures = compare.read_run(other, comparison)
+    assert figures["val_acc_last3"] == pytest.approx(0.55) and math.isnan(figures["precise_val_acc"])
 
 
 def test_matrix_runs_every_config_grid_point_and_seed(tmp_path):

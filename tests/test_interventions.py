@@ -14,6 +14,7 @@ from bn_lightning import Classifier, LeNet
 from bn_lightning.callbacks.lsuv import LSUV, lsuv_
 from bn_lightning.nn.noisy import NoisyBatchNorm1d, NoisyBatchNorm2d
 from bn_lightning.nn.batchnorm import BATCH_NORMS, BatchNorm2d
+from bn_lightning.training.trainable import scale_invariant_weights
 
 
 def images(n=32, seed=0):
@@ -257,3 +258,41 @@ def test_the_trainable_choice_and_its_seed_are_in_the_hyperparameters():
     assert (module.hparams.trainable, module.hparams.train_head, module.hparams.trainable_seed) == ("random", True, 123)
     # 2 of the weights of each output channel feeding a BN, as many as its gamma and beta, and the head's 850.
     assert module.trained_weights == 2 * (6 + 16 + 120 + 84) + 850
+
+
+# Two learning rates: the scale-invariant weights (those that feed a BN) and the rest
+
+def test_the_weights_that_feed_a_bn_are_the_scale_invariant_ones():
+    torch.manual_seed(0)
+    net = LeNet("scratch", norm_kwargs={"eps": 1e-12}).double().train()  # eps is what BN adds that scales not
+    x = images()[0].double()
+    invariant = {id(w) for w in scale_invariant_weights(net)}
+    names = {name for name, p in net.named_parameters() if id(p) in invariant}
+    assert names == {f"{block}.affine.weight" for block in ("conv1", "conv2", "fc1", "fc2")}
+    before = net(x)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            p.mul_(3.0 if id(p) in invariant else 1.0)
+    torch.testing.assert_close(net(x), before, rtol=1e-9, atol=1e-9)  # BN undoes their scale
+    assert scale_invariant_weights(LeNet("scratch", norm_position="after")) == []  # the activation sits between
+
+
+def test_rest_options_give_every_other_parameter_its_own_learning_rate():
+    torch.manual_seed(0)
+    module = Classifier(LeNet("scratch"), optimizer=lambda p: torch.optim.SGD(p, lr=10.0), rest_options={"lr": 0.1})
+    optimizer = module.configure_optimizers()
+    assert [group["lr"] for group in optimizer.param_groups] == [10.0, 0.1]
+    x, y = images()
+    before = {name: p.detach().clone() for name, p in module.net.named_parameters()}
+    F.cross_entropy(module(x), y).backward()
+    optimizer.step()
+    invariant = {id(w) for w in scale_invariant_weights(module.net)}
+    for name, p in module.net.named_parameters():
+        lr = 10.0 if id(p) in invariant else 0.1
+        torch.testing.assert_close(p.detach(), before[name] - lr * p.grad, rtol=0, atol=1e-6)
+
+
+def test_rest_options_on_a_network_without_scale_invariant_weights_say_what_is_wrong():
+    for net in (LeNet("none"), LeNet("scratch", norm_position="after"), LeNet("group_norm")):
+        with pytest.raises(ValueError, match="no weight of this network feeds one"):
+            Classifier(net, rest_options={"lr": 0.1})

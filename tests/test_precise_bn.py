@@ -139,6 +139,8 @@ def test_bad_input_says_what_was_wrong():
         update_bn_stats(LeNet("scratch"), batches_of(1), num_batches=0)
     with pytest.raises(ValueError, match="num_images"):
         PreciseBN(num_images=[1])
+    with pytest.raises(ValueError, match="null for the last epoch only"):
+        PreciseBN(every_n_epochs=0)
 
 
 def test_the_callback_logs_the_accuracy_with_the_moving_averages_and_with_precise_statistics(tiny_data, tmp_path):
@@ -167,6 +169,17 @@ def test_the_callback_logs_the_accuracy_with_the_moving_averages_and_with_precis
         batch_mode = copy.deepcopy(module.net).train()
         correct = sum(int((batch_mode(x).argmax(1) == y).sum()) for x, y in datamodule.val_dataloader())
     assert logged["precise_bn/val_acc_batch"][-1] == pytest.approx(correct / 40, abs=1e-6)
+
+
+def test_with_no_period_the_callback_evaluates_the_final_weights_only(tiny_data, tmp_path):
+    seed_everything(0)
+    module = Classifier(LeNet("scratch"), optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+    trainer = Trainer(max_epochs=3, logger=TensorBoardLogger(tmp_path), callbacks=[PreciseBN([64], every_n_epochs=None)],
+                      enable_checkpointing=False, enable_progress_bar=False, log_every_n_steps=1)
+    trainer.fit(module, FashionMNISTDataModule(str(tiny_data), batch_size=32, val_size=40))
+    logged = scalars(trainer.logger.log_dir)
+    assert len(logged["val/acc"]) == 3 and len(logged["precise_bn/val_acc_64"]) == 1
+    assert logged["precise_bn/val_acc_ema"] == pytest.approx(logged["val/acc"][-1:], abs=1e-6)
 
 
 def test_the_callback_logs_nothing_for_a_network_without_batch_norm(tiny_data, tmp_path):

@@ -121,6 +121,12 @@ def test_similarity_and_rank_measures_against_their_definitions():
     s = torch.tensor([3.0, 1.0])
     p = s / s.sum()
     assert probes.effective_rank(torch.diag(s)) == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+    # A common offset plus small differences: uncentered they look like one direction, centered they do not.
+    offset = 0.5 + 0.001 * torch.randn(200, 30, dtype=torch.float64)
+    assert probes.effective_rank(offset) < 1.5 and probes.effective_rank(offset - offset.mean(0)) > 20
+    by_hand = (offset.std(0).square().sum() / offset.mean(0).square().sum()).sqrt()
+    assert probes.std_over_mean(offset) == pytest.approx(float(by_hand), rel=1e-9)
+    assert probes.std_over_mean(offset) == pytest.approx(0.002, rel=0.1)
 
 
 def test_representation_probe_measures_each_layers_outputs_and_the_per_image_gradients():
@@ -142,6 +148,9 @@ def test_representation_probe_measures_each_layers_outputs_and_the_per_image_gra
         rows = outputs[name].detach().reshape(48, -1)
         assert measured[f"collapse/{name}/cosine"] == pytest.approx(probes.mean_pairwise_cosine(rows), rel=1e-6)
         assert measured[f"collapse/{name}/erank"] == pytest.approx(probes.effective_rank(rows), rel=1e-5)
+        centered = probes.effective_rank(rows - rows.mean(0, keepdim=True))
+        assert measured[f"collapse/{name}/centered_erank"] == pytest.approx(centered, rel=1e-5)
+        assert measured[f"collapse/{name}/std_over_mean"] == pytest.approx(probes.std_over_mean(rows), rel=1e-6)
     per_image = []
     for i in range(20):
         grads = torch.autograd.grad(losses[i], list(reference.parameters()), retain_graph=True)

@@ -6,8 +6,11 @@ import io
 
 import pytest
 import torch
+from lightning.pytorch import Trainer, seed_everything
 from torch import nn
 
+from bn_lightning import Classifier, FashionMNISTDataModule
+from bn_lightning.callbacks import BatchRenormSchedule
 from bn_lightning.nn import batchnorm as norm
 from bn_lightning.nn.lenet import LeNet
 from bn_lightning.nn.renorm import BatchRenorm1d, BatchRenorm2d, _BatchRenormFunction
@@ -283,3 +286,30 @@ def test_lenet_takes_it_as_norm_batch_renorm_with_its_schedule():
     assert schedule(LeNet("batch_renorm").conv1.norm) == schedule(BatchRenorm2d(6))  # LeNet's defaults are the layer's
     with pytest.raises(ValueError, match="norm_kwargs warmup_steps: norm 'scratch' takes eps, momentum"):
         LeNet("scratch", {"warmup_steps": 0})
+
+
+@pytest.mark.parametrize("batch_size", [8, 32])
+def test_the_schedule_callback_counts_epochs_whatever_the_batch_size(tiny_data, batch_size):
+    seed_everything(0)
+    module = Classifier(LeNet("batch_renorm"), optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    datamodule = FashionMNISTDataModule(str(tiny_data), batch_size=batch_size, val_size=40)
+    trainer = Trainer(max_epochs=1, callbacks=[BatchRenormSchedule(warmup_epochs=0.5, r_relax_epochs=2, d_relax_epochs=1)],
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule)
+    per_epoch = -(-160 // batch_size)  # 200 train images, 40 held out for validation
+    assert trainer.num_training_batches == per_epoch
+    layers = [m for m in module.net.modules() if hasattr(m, "r_relax_steps")]
+    assert len(layers) == 4
+    for layer in layers:
+        assert (layer.warmup_steps, layer.r_relax_steps, layer.d_relax_steps) == (round(per_epoch / 2), 2 * per_epoch, per_epoch)
+        assert int(layer.num_batches_tracked) == per_epoch
+        # Half-way through the schedule in epochs after one epoch: d is relaxed, r half-way.
+        r_max, d_max = layer.limits()
+        warm = per_epoch - round(per_epoch / 2)
+        assert float(r_max) == pytest.approx(1 + (layer.r_max - 1) * warm / (2 * per_epoch))
+        assert float(d_max) == pytest.approx(layer.d_max * warm / per_epoch)
+
+
+def test_the_schedule_callback_says_what_is_wrong():
+    with pytest.raises(ValueError, match="warmup_epochs must be a number of epochs"):
+        BatchRenormSchedule(warmup_epochs=-1)

@@ -17,7 +17,8 @@ __all__ = ["PreciseBN", "update_bn_stats"]
 
 
 class PreciseBN(Callback):
-    """After validation at every ``every_n_epochs``-th epoch, evaluate the validation set with the moving
+    """After validation at every ``every_n_epochs``-th epoch (with None, only after the last of
+    ``trainer.max_epochs``: the final weights' numbers, as the comparison runner's tables report them), evaluate the validation set with the moving
     averages, with precise statistics from each of ``num_images`` training images, and with each validation
     batch's own statistics (BN in training mode, as if evaluated like the blog post did), and log
     ``precise_bn/val_acc_ema``, ``precise_bn/val_acc_<n>`` and ``precise_bn/val_acc_batch`` (epoch-level, at
@@ -29,12 +30,13 @@ class PreciseBN(Callback):
     above the train set's takes all of it.
     """
 
-    def __init__(self, num_images: Sequence[int] = (4096,), every_n_epochs: int = 1, seed: int = 0) -> None:
+    def __init__(self, num_images: Sequence[int] = (4096,), every_n_epochs: int | None = 1, seed: int = 0) -> None:
         num_images = [num_images] if isinstance(num_images, int) else list(num_images)
         if not num_images or any(n < 2 for n in num_images):
             raise ValueError(f"num_images must list training-image counts of at least 2, got {num_images}")
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive number of epochs, got {every_n_epochs}")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be a positive number of epochs, or null for the last epoch only, "
+                             f"got {every_n_epochs}")
         self.num_images, self.every_n_epochs, self.seed = sorted(num_images), every_n_epochs, seed
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -43,7 +45,7 @@ class PreciseBN(Callback):
             rank_zero_info("PreciseBN: the network has no batch-norm layer with running statistics; it logs nothing")
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.active or trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if not self.active or trainer.sanity_checking or not self._due(trainer):
             return
         datamodule = trainer.datamodule
         order = torch.randperm(len(datamodule.train_set), generator=torch.Generator().manual_seed(self.seed))
@@ -56,6 +58,10 @@ class PreciseBN(Callback):
             chunks = order[:n].split(datamodule.hparams.batch_size)
             update_bn_stats(net, (datamodule.train_set.__getitems__(chunk.tolist()) for chunk in chunks))
             pl_module.log(f"precise_bn/val_acc_{n}", _accuracy(net, val, pl_module.device))
+
+    def _due(self, trainer: Trainer) -> bool:
+        epoch = trainer.current_epoch + 1
+        return epoch == trainer.max_epochs if self.every_n_epochs is None else epoch % self.every_n_epochs == 0
 
 
 @torch.no_grad()

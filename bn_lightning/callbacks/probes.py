@@ -173,11 +173,28 @@ def effective_rank(rows: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def std_over_mean(rows: Tensor) -> float:
+    """How much the rows (images) differ relative to what they share: the root mean square over features of
+    the between-row std, over that of the mean row. Small when every image gives nearly the same output on top
+    of a common offset (an input-independent component, Bjorck et al. 2018), whatever the rank of the rest."""
+    rows = rows.double()
+    return float(rows.std(0).square().mean().sqrt() / rows.mean(0).square().mean().sqrt())
+
+
 class RepresentationProbe(EveryNSteps):
-    """Collapse of the representations, at step 0 and every ``every_n_steps``: the network, as it trains
-    (training mode, batch statistics), runs a fixed batch, the first ``num_images`` validation images.
-    Logs per layer ``collapse/<layer>/cosine`` (mean pairwise cosine of the images' outputs) and
-    ``collapse/<layer>/erank`` (their effective rank), and ``collapse/grad_cosine``: the mean cosine
+    """The representations of a fixed batch, at step 0 and every ``every_n_steps``: the network, as it trains
+    (training mode, batch statistics), runs the first ``num_images`` validation images. Logs per layer, over
+    the images' outputs:
+
+    - ``collapse/<layer>/cosine``, their mean pairwise cosine, and ``collapse/<layer>/erank``, their effective
+      rank, both *uncentered*: a common offset (post-sigmoid outputs sit near 0.5) makes them look alike;
+    - ``collapse/<layer>/centered_erank``, the effective rank once the mean over images is subtracted: whether
+      the images' differences span few directions (Daneshmand et al. 2020's rank collapse, which they define on
+      centered representations as we do here, is a small value of this);
+    - ``collapse/<layer>/std_over_mean`` (:func:`std_over_mean`): how much the images differ relative to their
+      common offset.
+
+    and ``collapse/grad_cosine``: the mean cosine
     between the loss gradients (all parameters) of two of the first ``gradient_images`` images with the
     same label (1: the gradient does not depend on the image, only on its label; images of different
     labels are left out because the label alone makes their gradients differ)."""
@@ -226,6 +243,8 @@ class RepresentationProbe(EveryNSteps):
             rows = out.detach().reshape(len(x), -1)
             metrics[f"collapse/{child}/cosine"] = mean_pairwise_cosine(rows)
             metrics[f"collapse/{child}/erank"] = effective_rank(rows)
+            metrics[f"collapse/{child}/centered_erank"] = effective_rank(rows - rows.mean(0))
+            metrics[f"collapse/{child}/std_over_mean"] = std_over_mean(rows)
         wrt = [leaves[name] for name in names]
         per_image = [_flat(torch.autograd.grad(losses[i], wrt, retain_graph=i < self.gradient_images - 1))
                      for i in range(self.gradient_images)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -15,9 +16,13 @@ from bn_lightning.compare.spec import Comparison, Run
 from bn_lightning.training.tags import DIVERGED_TAG, PERCENTILES
 
 RESULT_FILE = "result.json"
-FIGURES = ("final_val_acc", "test_acc", "best_val_acc", "step_to_threshold", "seconds_per_epoch", "bn_mean_gap",
-           "diverged_at_step")
+# The primary metric comes first: fixed before any run, it is what the tables rank by and the statistics compare.
+PRIMARY = "val_acc_last3"
+FIGURES = (PRIMARY, "final_val_acc", "precise_val_acc", "test_acc", "best_val_acc", "step_to_threshold",
+           "seconds_per_epoch", "bn_mean_gap", "diverged_at_step")
+LAST_EPOCHS = 3  # the primary metric averages the validation accuracy of a run's last this many epochs
 GAP_LOGS = 5  # bn_mean_gap averages a run's last this many logs
+PRECISE_TAG = re.compile(r"precise_bn/val_acc_(\d+)")
 
 
 def events_of(folder: Path) -> EventAccumulator:
@@ -57,7 +62,10 @@ def read_run(folder: Path, comparison: Comparison) -> dict:
     gaps = [series(tag)[-GAP_LOGS:] for tag in events.Tags()["scalars"] if tag.startswith("bn/") and tag.endswith("/mean_gap")]
     layer = comparison.percentile_layer
     return {
+        # One epoch's accuracy swings by points at a large lr: the mean of the last few is the steadier summary.
+        PRIMARY: statistics.fmean(value for _, value in val[-LAST_EPOCHS:]) if val and diverged is None else math.nan,
         "final_val_acc": val[-1][1] if diverged is None else math.nan,
+        "precise_val_acc": precise_final(events, val) if diverged is None else math.nan,
         "test_acc": test[-1][1] if test and diverged is None else math.nan,
         "best_val_acc": max((value for _, value in val), default=math.nan),
         "step_to_threshold": reached[0] if reached else None,
@@ -66,10 +74,20 @@ def read_run(folder: Path, comparison: Comparison) -> dict:
         "bn_mean_gap": statistics.fmean(value for gap in gaps for _, value in gap) if gaps else math.nan,
         "val_acc": val,
         "percentiles": {f"p{p}": series(f"act/{layer}/unit/p{p}") for p in PERCENTILES},
+        # Every comparison keeps its validation accuracy per epoch, whatever else its file asks for.
         "series": {tag: series(tag) for tag in sorted(events.Tags()["scalars"])
-                   if any(fnmatch.fnmatchcase(tag, pattern) for pattern in comparison.series)},
+                   if any(fnmatch.fnmatchcase(tag, pattern) for pattern in ["val/acc", *comparison.series])},
         "diverged_at_step": diverged,
     }
+
+
+def precise_final(events: EventAccumulator, val: list[tuple[int, float]]) -> float:
+    """The validation accuracy of the final weights with precise statistics from the most training images
+    (PreciseBN's largest ``precise_bn/val_acc_<n>``, logged after the last epoch); nan when it was not logged
+    then (no PreciseBN, or a network without BN)."""
+    sizes = [int(m.group(1)) for tag in events.Tags()["scalars"] if (m := PRECISE_TAG.fullmatch(tag))]
+    logged = scalars_of(events, f"precise_bn/val_acc_{max(sizes)}") if sizes else []
+    return logged[-1][1] if logged and val and logged[-1][0] == val[-1][0] else math.nan
 
 
 def series_events(events: EventAccumulator, tag: str) -> list:

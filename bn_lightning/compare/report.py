@@ -12,21 +12,31 @@ from bn_lightning.compare.collect import FIGURES, PERCENTILES, by_group, summari
 from bn_lightning.compare.spec import Comparison, Run
 from bn_lightning.compare.stats import Series, mean_curve, pm_text
 
+# The tables' columns: figure, heading, digits. Accuracies are fractions, shown with 4 digits.
+COLUMNS = (
+    ("val_acc_last3", "val acc, mean of last 3 epochs (primary)", 4),
+    ("final_val_acc", "final val acc", 4),
+    ("precise_val_acc", "final val acc, precise BN", 4),
+    ("test_acc", "test acc (best val epoch)", 4),
+    ("best_val_acc", "best val acc", 4),
+)
+
+
 def markdown(comparison: Comparison, rows: list[dict]) -> str:
     threshold = f"step to val acc ≥ {comparison.threshold:g}"
+    headings = [heading for _, heading, _ in COLUMNS]
     lines = [
-        f"| run | seeds | final val acc | test acc | best val acc | {threshold} | s/epoch | BN \\|batch - running mean\\| "
-        "| diverged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| run | seeds | {' | '.join(headings)} | {threshold} | s/epoch | BN \\|batch - running mean\\| | diverged |",
+        "|---|---|" + "---|" * (len(COLUMNS) + 4),
     ]
     for row in rows:
         reached = pm_text(row["step_to_threshold_mean"], row["step_to_threshold_std"], 0)
         if row["reached_threshold"] < row["seeds"]:
             reached += f" ({row['reached_threshold']}/{row['seeds']} seeds)"
+        accuracies = " | ".join(pm_text(row[f"{figure}_mean"], row[f"{figure}_std"], digits) for figure, _, digits in COLUMNS)
         lines.append(
-            f"| {row['group']} | {row['seeds']} | {pm_text(row['final_val_acc_mean'], row['final_val_acc_std'], 4)} "
-            f"| {pm_text(row['test_acc_mean'], row['test_acc_std'], 4)} | {pm_text(row['best_val_acc_mean'], row['best_val_acc_std'], 4)} "
-            f"| {reached} | {pm_text(row['seconds_per_epoch_mean'], row['seconds_per_epoch_std'], 2)} "
+            f"| {row['group']} | {row['seeds']} | {accuracies} | {reached} "
+            f"| {pm_text(row['seconds_per_epoch_mean'], row['seconds_per_epoch_std'], 2)} "
             f"| {pm_text(row['bn_mean_gap_mean'], row['bn_mean_gap_std'], 3)} | {row['diverged']}/{row['seeds']} |"
         )
     return "\n".join(lines) + "\n"

@@ -14,9 +14,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from bn_lightning.compare.report import plot_band
-from bn_lightning.compare.stats import Series, mean_curve, mean_std, pm
+from bn_lightning.compare.stats import Series, differences, differences_table, mean_curve, mean_std, pm
 
-__all__ = ["Series", "figure_of", "have", "mean_curve", "mean_std", "plot_band", "pm", "runs", "series"]
+__all__ = ["Series", "differences", "differences_table", "figure_of", "have", "mean_curve", "mean_std", "per_seed", "plot_band",
+           "pm", "runs", "series"]
 
 
 def have(folder: Path) -> bool:
@@ -41,6 +42,14 @@ def series(folder: Path) -> dict[tuple[str, str], Series]:
         for row in csv.DictReader(f):
             found[row["group"], row["tag"]][int(row["seed"])].append((int(row["step"]), float(row["value"])))
     return found
+
+
+def per_seed(folder: Path, figure: str) -> dict[str, dict[int, float]]:
+    """{group: {seed: value}} of one column of runs.csv: what :func:`differences` pairs by seed."""
+    found: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in runs(folder):
+        found[row["group"]][int(row["seed"])] = float(row[figure]) if row[figure] not in ("", "None") else math.nan
+    return dict(found)
 
 
 def figure_of(folder: Path, figure: str) -> dict[str, list[float]]:

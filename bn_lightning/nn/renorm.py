@@ -23,10 +23,10 @@ The limits are relaxed as in the paper's experiments: plain BN for ``warmup_step
 d_max grow linearly to their final values over ``r_relax_steps`` and ``d_relax_steps`` steps. The step is
 ``num_batches_tracked``, so a run resumed from a checkpoint continues the schedule. The paper's 5k
 steps of BN, r_max 3 by 40k and d_max 5 by 25k exceed a whole d2l run (10 epochs of 55,000 images at batch
-256), which would stay plain BN throughout. The defaults keep its final limits and its order (d before
-r) on our scale: BN for about the first epoch, while lr 1.0 moves the weights fastest and the running
-estimates (with momentum 0.1 an average of the last ~10 batches) trail the batch's most; both limits
-reached by step 1,000, so the second half of training runs fully renormalized.
+256, 2,150 steps), which would stay plain BN throughout. The defaults keep its final limits and its order (d
+before r) on that run's scale: plain BN for 200 steps (0.9 epoch at batch 256), d_max by step 700, r_max by
+step 1,000, so the last 5.3 of its 10 epochs run fully renormalized. A step is a different share of an epoch
+at every batch size: :class:`bn_lightning.callbacks.BatchRenormSchedule` sets the schedule in epochs instead.
 """
 
 from __future__ import annotations

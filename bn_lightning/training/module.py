@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from bn_lightning.training._private import has_hooks, is_logging_step
 from bn_lightning.training.errors import NonFiniteLossError
 from bn_lightning.training.tags import DIVERGED_TAG
-from bn_lightning.training.trainable import Trainable, restrict_training
+from bn_lightning.training.trainable import Trainable, parameter_groups, restrict_training
 
 STAGES = ("train", "val", "test")
 
@@ -81,6 +81,9 @@ class Classifier(LightningModule):
     layers' (``norm``), or as many ordinary ones chosen at random (``random``, picked with
     ``trainable_seed``, by default torch's seed); ``train_head`` adds the output layer to the last two.
     ``lr_scheduler``, when given, is stepped once per epoch (``model.lr_scheduler`` in a config).
+    ``rest_options`` (e.g. ``{lr: 0.1}``) gives every parameter except the scale-invariant weights that feed
+    a BN layer its own optimizer settings, in a second parameter group
+    (:func:`~bn_lightning.training.trainable.parameter_groups`).
 
     ``compile`` runs the network through ``torch.compile`` (``true``, or one of its mode names such as
     ``reduce-overhead``), set up in ``configure_model``. The network itself is not wrapped, so
@@ -91,7 +94,8 @@ class Classifier(LightningModule):
 
     def __init__(self, net: nn.Module, optimizer: OptimizerCallable = torch.optim.SGD, num_classes: int = 10,
                  trainable: Trainable = "all", train_head: bool = True, trainable_seed: int | None = None,
-                 lr_scheduler: LRSchedulerCallable | None = None, compile: bool | CompileMode = False) -> None:
+                 lr_scheduler: LRSchedulerCallable | None = None, compile: bool | CompileMode = False,
+                 rest_options: dict | None = None) -> None:
         super().__init__()
         if not isinstance(compile, bool) and compile not in COMPILE_MODES:
             raise ValueError(f"compile={compile!r}: give true, false or one of torch.compile's modes "
@@ -107,6 +111,7 @@ class Classifier(LightningModule):
             # What Lightning's model summary runs through the network: FLOPs and sizes per layer, not 0 FLOPs.
             self.example_input_array = torch.zeros(2, *net.input_shape)
         self.trained_weights = restrict_training(net, trainable, train_head, trainable_seed)
+        parameter_groups(net, [], rest_options)  # a network without scale-invariant weights fails here, not at fit
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self._compiled_call = None
         # Keyed "<stage>_acc" / "<stage>_loss": a bare "train" key would clash with Module.train.
@@ -227,7 +232,8 @@ class Classifier(LightningModule):
         return self(batch[0]).argmax(dim=1)
 
     def configure_optimizers(self):
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        trained = [p for p in self.net.parameters() if p.requires_grad]
+        optimizer = self.optimizer(parameter_groups(self.net, trained, self.hparams.rest_options))
         if self.hparams.trainable == "random" and any(group.get("weight_decay") for group in optimizer.param_groups):
             raise ValueError("trainable: random masks the gradients of the weights it leaves frozen, and weight decay "
                              "would still move them: set the optimizer's weight_decay to 0")

@@ -38,6 +38,33 @@ def _normed_blocks(net: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
             if isinstance(getattr(block, "affine", None), nn.Module) and is_batch_norm(getattr(block, "norm", None))]
 
 
+def scale_invariant_weights(net: nn.Module) -> list[nn.Parameter]:
+    """The weights of the layers whose output goes straight into a BN layer (``affine`` then ``norm``, BN before
+    the activation). BN undoes their scale, so the loss does not change when one of them is scaled, and the
+    step lr takes on it shrinks as 1 / ||W||^2 (van Laarhoven 2017; Arora, Li & Lyu 2019's auto-tuning)."""
+    weights = []
+    for block in net.modules():
+        names = list(getattr(block, "_modules", {}))
+        if "affine" in names and names[names.index("affine") + 1:][:1] == ["norm"] and is_batch_norm(block.norm):
+            weights.append(block.affine.weight)
+    return weights
+
+
+def parameter_groups(net: nn.Module, params: list[nn.Parameter], rest_options: dict | None) -> list:
+    """What the optimizer gets: ``params`` as one group, or, with ``rest_options``, the scale-invariant
+    weights among them with the optimizer's own settings and every other one (gamma, beta, the biases, the
+    output layer) with ``rest_options`` (e.g. ``{lr: 0.1}``) on top."""
+    if rest_options is None:
+        return params
+    invariant = {id(w) for w in scale_invariant_weights(net)}
+    if not invariant:
+        raise ValueError("rest_options sets the optimizer for every weight that does not feed a BN layer, and no weight of "
+                         "this network feeds one: give it BN before the activation (norm: scratch or torch, "
+                         "norm_position: before), or leave rest_options out")
+    return [{"params": [p for p in params if id(p) in invariant]},
+            {"params": [p for p in params if id(p) not in invariant], **rest_options}]
+
+
 def _random_mask(weight: torch.Tensor, per_channel: int, generator: torch.Generator) -> torch.Tensor:
     """A 0/1 mask of ``weight`` with ``per_channel`` ones in each output channel's row, placed at random."""
     rows = weight.detach().reshape(weight.shape[0], -1)
