@@ -14,6 +14,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from bn_lightning import compare
+from bn_lightning.compare import contrasts
 from bn_lightning.training.cli import main
 from helpers import CONFIGS, SHARED_DATA, needs_real_data
 
@@ -330,3 +331,36 @@ def test_quick_comparison_on_the_real_data_shows_bn_learning_faster(tmp_path):
     assert float(summary["lenet_bn_scratch"]["final_val_acc_mean"]) > float(summary["lenet_no_bn"]["final_val_acc_mean"]) + 0.2
     assert int(summary["lenet_bn_torch"]["reached_threshold"]) == 2
     assert not math.isnan(float(summary["lenet_bn_torch"]["step_to_threshold_mean"]))
+
+
+def _figures(primary, test, diverged=None):
+    return {"val_acc_last3": primary, "test_acc": test, "diverged_at_step": diverged}
+
+
+def test_contrasts_take_each_arm_at_its_best_lr_and_compare_test_accuracy(tmp_path):
+    path = write_comparison(tmp_path, tmp_path, grid={"model.optimizer.init_args.lr": [0.1, 1.0, 10.0]}, seeds=[0, 1, 2],
+                            tune="model.optimizer.init_args.lr", contrasts=[["lenet_bn_scratch", "lenet_no_bn"]])
+    comparison = compare.Comparison.load(path, {})
+    primary = {("lenet_no_bn", 0.1): 0.70, ("lenet_no_bn", 1.0): 0.80, ("lenet_no_bn", 10.0): 0.95,
+               ("lenet_bn_scratch", 0.1): 0.85, ("lenet_bn_scratch", 1.0): 0.88, ("lenet_bn_scratch", 10.0): 0.87}
+    results = {}
+    for run in comparison.runs():
+        lr = dict(run.grid)["model.optimizer.init_args.lr"]
+        arm = run.config.stem
+        diverged = 100 if (arm, lr, run.seed) == ("lenet_no_bn", 10.0, 2) else None  # one seed diverged: not eligible
+        results[run] = _figures(primary[arm, lr] + 0.001 * run.seed, 0.5 + lr / 100 + 0.01 * run.seed + (arm == "lenet_bn_scratch") * 0.1,
+                                diverged)
+    found = contrasts.arms(comparison, results)
+    assert (found["lenet_no_bn"].value, found["lenet_bn_scratch"].value) == (1.0, 1.0)
+    assert not found["lenet_no_bn"].edge
+    assert found["lenet_bn_scratch"].compared == {s: pytest.approx(0.61 + 0.01 * s) for s in range(3)}
+    text = contrasts.markdown(comparison, results)
+    assert "| lenet_no_bn | 1.0 | 0.8010 ± 0.0010 | 0.5200 ± 0.0100 |" in text
+    assert "| lenet_bn_scratch - lenet_no_bn | +10.00 |" in text and "differs" in text
+
+
+def test_contrasts_must_name_arms_of_the_comparison(tmp_path):
+    with pytest.raises(ValueError, match=r"contrasts name arms that are not in the comparison: \['lenet_bn'\]"):
+        compare.Comparison.load(write_comparison(tmp_path, tmp_path, contrasts=[["lenet_bn", "lenet_no_bn"]]), {})
+    with pytest.raises(ValueError, match="tune must be one of the grid's axes"):
+        compare.Comparison.load(write_comparison(tmp_path, tmp_path, tune="model.optimizer.init_args.lr"), {})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from bn_lightning.compare import contrasts
 from bn_lightning.compare.collect import FIGURES, PERCENTILES, by_group, summarize
 from bn_lightning.compare.spec import Comparison, Run
 from bn_lightning.compare.stats import Series, mean_curve, pm_text
@@ -55,6 +56,8 @@ def write_tables(comparison: Comparison, results: dict[Run, dict], out: Path) ->
         writer.writeheader()
         writer.writerows(rows)
     (out / "results.md").write_text(markdown(comparison, rows))
+    if (measured := contrasts.markdown(comparison, results)) is not None:
+        (out / "differences.md").write_text(measured)
     if comparison.series:
         with open(out / "series.csv", "w", newline="") as f:
             writer = csv.writer(f)

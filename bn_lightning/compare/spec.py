@@ -47,6 +47,10 @@ class Run:
     def folder(self, out: Path) -> Path:
         return out / self.group / f"seed_{self.seed}"
 
+    def arm(self, tune: str | None) -> str:
+        """The group without the value of the ``tune`` axis: the runs an arm tries that setting over."""
+        return Run(self.config, tuple((key, value) for key, value in self.grid if key != tune), self.seed).group
+
 
 @dataclass
 class Comparison:
@@ -61,11 +65,16 @@ class Comparison:
     percentile_layer: str = "fc2"
     series: list[str] = field(default_factory=list)
     slurm: dict[str, object] = field(default_factory=dict)
+    # The differences the comparison is run to measure, [a, b] for a - b, written down before it runs; with
+    # ``tune`` (a grid axis, e.g. the lr), each arm is taken at its best value of that axis.
+    contrasts: list[tuple[str, str]] = field(default_factory=list)
+    tune: str | None = None
 
     @classmethod
     def load(cls, path: Path, overrides: dict[str, object]) -> Comparison:
         spec = yaml.safe_load(path.read_text()) or {}
-        known = {"configs", "seeds", "grid", "args", "threshold", "percentile_layer", "series", "slurm"}
+        known = {"configs", "seeds", "grid", "args", "threshold", "percentile_layer", "series", "slurm", "contrasts",
+                 "tune"}
         if unknown := set(spec) - known:
             raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; a comparison takes {sorted(known)}")
         for key in ("configs", "seeds"):
@@ -82,7 +91,13 @@ class Comparison:
             if width > 1 and any(not isinstance(v, list) or len(v) != width for v in values):
                 raise ValueError(f"{path}: grid axis {key!r} sets {width} options together: each of its values must "
                                  f"list {width} values, one per option, got {values}")
-        return cls(
+        tune = spec.get("tune")
+        if tune is not None and tune not in grid:
+            raise ValueError(f"{path}: tune must be one of the grid's axes {sorted(grid)}, got {tune!r}")
+        contrasts = spec.get("contrasts") or []
+        if any(not isinstance(pair, list) or len(pair) != 2 for pair in contrasts):
+            raise ValueError(f"{path}: contrasts must list pairs [a, b] of arms (a - b is measured), got {contrasts}")
+        comparison = cls(
             name=path.stem,
             configs=configs,
             seeds=[int(seed) for seed in spec["seeds"]],
@@ -92,7 +107,14 @@ class Comparison:
             percentile_layer=spec.get("percentile_layer", cls.percentile_layer),
             series=[str(pattern) for pattern in spec.get("series") or []],
             slurm=slurm_block(path, spec.get("slurm") or {}),
+            contrasts=[(str(a), str(b)) for a, b in contrasts],
+            tune=tune,
         )
+        arms = {run.arm(tune) for run in comparison.runs()}
+        if unknown := sorted({arm for pair in comparison.contrasts for arm in pair} - arms):
+            raise ValueError(f"{path}: contrasts name arms that are not in the comparison: {unknown}; its arms are "
+                             f"{sorted(arms)}")
+        return comparison
 
     def runs(self) -> list[Run]:
         """Every config x grid point x seed, seeds innermost so a group's seeds finish together."""
