@@ -68,6 +68,11 @@ def write_tables(comparison: Comparison, results: dict[Run, dict], out: Path) ->
     return rows
 
 
+# Line styles in turn, so that two groups whose curves coincide (our BN and torch's) both show.
+STYLES = [{"linestyle": "-", "marker": "o"}, {"linestyle": "--", "marker": "s"}, {"linestyle": ":", "marker": "^"},
+          {"linestyle": "-.", "marker": "D"}]
+
+
 def plot_band(axes, per_seed: Series, label: str, **style) -> None:
     """The mean over seeds as a line, the seeds' min-max as a band around it."""
     steps, mean, low, high = mean_curve(per_seed)
@@ -77,18 +82,18 @@ def plot_band(axes, per_seed: Series, label: str, **style) -> None:
 
 def val_acc_figure(comparison: Comparison, groups: dict[str, list[dict]]) -> Figure:
     """Validation accuracy over training per group: the mean over seeds and their min-max band."""
-    figure = Figure(figsize=(8, 5), layout="tight")
+    figure = Figure(figsize=(10, 5), layout="tight")
     axes = figure.subplots()
-    for group, runs in groups.items():
+    for index, (group, runs) in enumerate(groups.items()):
         longest = max(len(run["val_acc"]) for run in runs)
         # The seeds that validated every epoch (a diverged run stops early).
         complete = {seed: run["val_acc"] for seed, run in enumerate(runs) if len(run["val_acc"]) == longest}
         if longest:
-            plot_band(axes, complete, f"{group} ({len(complete)} seeds)", marker=".")
+            plot_band(axes, complete, f"{group} ({len(complete)} seeds)", markersize=4, **STYLES[index % len(STYLES)])
     axes.set(xlabel="training step", ylabel="validation accuracy",
              title=f"{comparison.name}: validation accuracy, mean and min-max over seeds")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # off the data
     return figure
 
 
