@@ -4,10 +4,13 @@ Ioffe & Szegedy's Algorithm 2 evaluates with the mean and unbiased variance of e
 over the training data, taken with the trained weights fixed. The exponential moving average exists
 so that a model can be evaluated *during* training; it mixes statistics of older weights into the
 estimate. Recomputing them is what fvcore's ``update_bn_stats`` and Wu & Johnson 2021 ("Rethinking
-'Batch' in BatchNorm", section 3) call precise BN. Theirs, and ``torch.optim.swa_utils.update_bn``,
-find BN layers by torch's classes and average the per-batch variances; :func:`update_bn_stats` finds
-ours as well and takes the variance over every value seen, which also counts how the batch means
-differ from one another.
+'Batch' in BatchNorm", section 3) call precise BN. How the variance is pooled differs:
+``torch.optim.swa_utils.update_bn`` (a cumulative average, ``momentum=None``) and fvcore's first versions
+average the per-batch unbiased variances, which leaves out how the batch means differ from one another;
+fvcore's current version (``_PopulationVarianceEstimator``, with Wu & Johnson's appendix) pools every batch's
+mean and biased variance, weighted by its size, into the variance of all values, biased. Both find BN
+layers by torch's classes. :func:`update_bn_stats` finds ours as well and takes the unbiased variance of
+every value seen, what BN's running variance estimates.
 
 As in fvcore, each batch goes through the network in training mode: a layer's input is what it is in
 training, normalized upstream by batch statistics.
