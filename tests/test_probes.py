@@ -71,6 +71,11 @@ def test_gradient_ics_is_the_change_of_a_layers_gradient_when_the_layers_before_
         assert measured[f"ics/{layer}/l2"] == pytest.approx(float((g - g2).norm()), rel=1e-4, abs=1e-9)
         assert measured[f"ics/{layer}/cosine"] == pytest.approx(float(F.cosine_similarity(g, g2, dim=0)), abs=1e-6)
         assert measured[f"ics/{layer}/relative"] == pytest.approx(float((g - g2).norm() / g.norm()), rel=1e-4, abs=1e-9)
+        before, after = dict(start.named_parameters()), dict(net.named_parameters())
+        moved = torch.cat([(after[n] - before[n]).detach().reshape(-1).double() for n in after
+                           if n.split(".")[0] in LAYERS[:index]]).norm()
+        assert measured[f"ics/{layer}/upstream_update"] == pytest.approx(float(moved), rel=1e-6)
+        assert measured[f"ics/{layer}/per_update"] == pytest.approx(float((g - g2).norm() / moved), rel=1e-4, abs=1e-9)
     assert "ics/conv1/l2" not in measured  # nothing comes before the first layer
 
 

@@ -90,6 +90,11 @@ class GradientICS(_OneStepProbe):
     every layer as the step started, ``G'`` the same with the layers before ``i`` already updated by the
     step, on the same batch. Logs ``ics/<layer>/l2`` = ||G - G'||, ``ics/<layer>/relative`` = that over
     ||G||, and ``ics/<layer>/cosine`` = cos(G, G'). The first layer, with nothing before it, has none.
+
+    A gradient barely changes when the layers before it barely move (vanishing gradients through sigmoids),
+    so the same numbers are logged against the size of that move: ``ics/<layer>/upstream_update`` =
+    ||W'_{<i} - W_{<i}||, the step of every parameter before the layer, and ``ics/<layer>/per_update`` =
+    ||G - G'|| / ||W'_{<i} - W_{<i}||, the gradient's change per unit of upstream movement.
     Costs one forward and backward per layer at every logged step; assumes one optimizer step per batch.
     """
 
@@ -112,6 +117,9 @@ class GradientICS(_OneStepProbe):
                 metrics[f"ics/{layer}/l2"] = change
                 metrics[f"ics/{layer}/relative"] = change / max(float(g.norm()), 1e-30)
                 metrics[f"ics/{layer}/cosine"] = float(F.cosine_similarity(g, g2, dim=0, eps=1e-30))
+                moved = float((_flat([updated[name] for name in earlier]) - _flat([params[name] for name in earlier])).norm())
+                metrics[f"ics/{layer}/upstream_update"] = moved
+                metrics[f"ics/{layer}/per_update"] = change / max(moved, 1e-30)
             earlier += names
         return metrics
 
