@@ -1,6 +1,6 @@
 """Writes the pages of measured figures from the committed files that hold them, so that no number is pasted
 by hand: docs/results.md from results/<name>/, docs/performance.md from benchmarks/results/, and README's
-headline table from results/d2l/. tests/test_docs.py fails when a page is not what this script writes.
+headline table and its differences from results/d2l/. tests/test_docs.py fails when a page is not what this script writes.
 
     python docs/make_pages.py           # rewrite the pages
     python docs/make_pages.py --check   # exit 1, naming them, when a page is out of date
@@ -99,6 +99,9 @@ def readme() -> str:
     text = (REPO / "README.md").read_text()
     start, end = text.index(README_START) + len(README_START), text.index(README_END)
     table = (REPO / "results" / "d2l" / "results.md").read_text().strip()
+    differences = REPO / "results" / "d2l" / "differences.md"
+    if differences.exists():
+        table += "\n\n" + differences.read_text().strip()
     return text[:start] + "\n" + table + "\n" + text[end:]
 
 
