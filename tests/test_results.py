@@ -42,3 +42,17 @@ def test_a_series_is_per_seed_and_its_mean_curve_keeps_the_steps_every_seed_logg
 def test_a_missing_comparison_says_which_command_makes_it(tmp_path, capsys):
     assert not results.have(tmp_path / "ics")
     assert "python -m bn_lightning.compare configs/compare/ics.yaml" in capsys.readouterr().out
+
+
+def test_best_arms_read_back_the_choice_the_runner_wrote_in_differences_md():
+    from pathlib import Path
+
+    from bn_lightning.compare.spec import Comparison
+
+    repo = Path(__file__).resolve().parents[1]
+    comparison = Comparison.load(repo / "configs" / "compare" / "collapse.yaml", {})
+    chosen = results.best_arms(repo / "results" / "collapse", comparison)
+    table = (repo / "results" / "collapse" / "differences.md").read_text()
+    for name, arm in chosen.items():
+        mean, std = results.mean_std(list(arm.compared.values()))
+        assert f"| {name} | {arm.value} " in table and f"| {mean:.4f} ± {std:.4f} |" in table

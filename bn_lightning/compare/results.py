@@ -13,10 +13,13 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from bn_lightning.compare.collect import PRIMARY
+from bn_lightning.compare.contrasts import TUNED, Arm, arms
 from bn_lightning.compare.report import plot_band
+from bn_lightning.compare.spec import Comparison
 from bn_lightning.compare.stats import Series, differences, differences_table, mean_curve, mean_std, pm
 
-__all__ = ["Series", "differences", "differences_table", "figure_of", "have", "mean_curve", "mean_std", "per_seed", "plot_band",
+__all__ = ["Series", "best_arms", "differences", "differences_table", "figure_of", "have", "mean_curve", "mean_std", "per_seed", "plot_band",
            "pm", "runs", "series"]
 
 
@@ -58,3 +61,19 @@ def figure_of(folder: Path, figure: str) -> dict[str, list[float]]:
     for row in runs(folder):
         found[row["group"]].append(float(row[figure]) if row[figure] not in ("", "None") else math.nan)
     return dict(found)
+
+
+def best_arms(folder: Path, comparison: Comparison) -> dict[str, Arm]:
+    """Each arm of ``comparison`` at the value of its tuned axis the runner chose for ``differences.md``,
+    read back from the folder's runs.csv (the same rule, :func:`bn_lightning.compare.contrasts.arms`)."""
+    def number(text: str) -> float:
+        return float(text) if text not in ("", "None") else math.nan
+
+    rows = {(row["group"], int(row["seed"])): row for row in runs(folder)}
+    results = {}
+    for run in comparison.runs():
+        if (row := rows.get((run.group, run.seed))) is not None:
+            diverged = row["diverged_at_step"]
+            results[run] = {PRIMARY: number(row[PRIMARY]), TUNED: number(row[TUNED]),
+                            "diverged_at_step": None if diverged in ("", "None") else int(float(diverged))}
+    return arms(comparison, results)
