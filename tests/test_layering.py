@@ -11,7 +11,7 @@ from helpers import REPO
 
 PACKAGE = REPO / "bn_lightning"
 # Rank of each layer: a module may import its own layer and lower ranks; compare and blog never each other.
-RANKS = {"nn": 0, "training": 1, "callbacks": 2, "compare": 3, "blog": 3}
+RANKS = {"nn": 0, "training": 1, "callbacks": 2, "doctor": 2, "compare": 3, "blog": 3}
 ENTRY_POINTS = {"__init__.py", "__main__.py", "_compat.py"}  # the package's own files, above every layer
 HEAVY = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "torchvision", "tensorboard", "matplotlib")
 
@@ -63,6 +63,10 @@ def loaded_after(code: str) -> list[str]:
 
 def test_the_layers_alone_load_no_lightning():
     assert loaded_after("import bn_lightning.nn; from bn_lightning import BatchNorm2d, BatchRenorm2d, LeNet") == []
+
+
+def test_the_doctors_plain_pytorch_entry_points_load_no_lightning():
+    assert loaded_after("from bn_lightning.doctor import check, watch, Finding") == []
 
 
 @pytest.mark.slow
