@@ -241,7 +241,7 @@ def test_torchvision_models_are_clean(factory):
     torch.manual_seed(0)
     model = factory()  # no weights: nothing downloaded
     assert check(model, torch.randn(2, 3, 64, 64)) == []
-    assert check(nn.SyncBatchNorm.convert_sync_batchnorm(model)) == []
+    assert check(nn.SyncBatchNorm.convert_sync_batchnorm(model), torch.randn(2, 3, 64, 64)) == []
 
 
 @pytest.mark.parametrize("norm", ["scratch", "torch", "batch_renorm", "noisy_bn"])
@@ -355,14 +355,20 @@ def fit(module, *callbacks, epochs: int = 1, n: int = 64, batch_size: int = 16):
 
 
 def test_the_callback_sees_a_training_mode_validation_and_then_stays_out_of_the_way():
-    _, BatchNormDoctor = lightning()
     torch.manual_seed(0)
+    pl, BatchNormDoctor = lightning()
     doctor = BatchNormDoctor(steps=2, precise_images=0)
+    hooked = []
+
+    class Hooks(pl.Callback):  # after the doctor's steps, before validation: are its hooks still there?
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            hooked.append(len(doctor._observer._handles))
+
     with pytest.warns(UserWarning, match="BN001"):
-        fit(Tiny.make(train_in_validation=True), doctor)
+        fit(Tiny.make(train_in_validation=True), doctor, Hooks())
     assert [(f.code, f.layer) for f in doctor.findings] == [("BN001", "backbone.1")]
     assert "during validation" in doctor.findings[0].message
-    assert doctor._observer._handles == []  # no hook left after its steps
+    assert hooked[0] > 0 and hooked[2:] == [0, 0]  # hooked for its 2 steps, then out of the way
     clean = BatchNormDoctor(steps=2, precise_images=0)
     fit(Tiny.make(), clean)
     assert clean.findings == []
