@@ -417,3 +417,26 @@ def test_the_callback_measures_lagging_running_statistics():
     caught_up = BatchNormDoctor(precise_images=4096)  # lr 0: weights fixed, the moving average has converged
     fit(Tiny.make(lr=0.0), caught_up, epochs=3, n=512)
     assert caught_up.findings == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sync", [False, True], ids=["per-process", "synchronized"])
+def test_the_callback_under_ddp_wants_synchronized_statistics_for_small_per_process_batches(tiny_data, tmp_path, sync):
+    import os
+    import subprocess
+    import sys
+
+    args = ["fit", "--config", str(REPO / "configs" / "lenet_bn_scratch.yaml"), f"--data.data_dir={tiny_data}",
+            "--data.batch_size=8", "--data.val_size=40", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+            "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu", "--trainer.strategy=ddp",
+            "--trainer.devices=2", f"--trainer.sync_batchnorm={str(sync).lower()}", "--test_after_fit=false",
+            "--trainer.callbacks+=bn_lightning.doctor.callback.BatchNormDoctor",
+            "--trainer.callbacks.precise_images=0"]
+    fit = subprocess.run([sys.executable, "-m", "bn_lightning", *args], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    reported = [line for line in fit.stderr.splitlines() if "BN009 (warning)" in line]
+    if sync:
+        assert reported == []
+    else:  # 8 images a process, four BN layers, reported once each by rank zero
+        assert len(reported) == 4 and all("2 processes with 8 images each" in line for line in reported)
