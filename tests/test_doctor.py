@@ -185,6 +185,14 @@ def test_bn013_statistics_updated_in_evaluation_mode():
     assert check(nn.BatchNorm2d(3), images()) == []
 
 
+def test_bn014_dropout_right_before_bn_by_the_probe_and_by_the_sequential_alone():
+    before = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Dropout(0.5), nn.BatchNorm2d(4))
+    after = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    for example in (images(), None):
+        assert [(f.code, f.layer) for f in check(before, example)] == [("BN014", "2")]
+        assert check(after, example) == []
+
+
 def test_ignore_takes_codes_and_code_layer_pairs_and_refuses_unknown_codes():
     model = conv_bn(bias=True, momentum=0.9)
     assert codes(check(model, images())) == {"BN005", "BN007"}

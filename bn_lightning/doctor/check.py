@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from bn_lightning.doctor.findings import CODES, SEVERITIES, Finding, finding
-from bn_lightning.doctor.observe import BIASED, Observer, plain_attributes, preserved
+from bn_lightning.doctor.observe import (BIASED, DROPOUTS, Observer, bias_cancelled, dropout_before, plain_attributes,
+                                         preserved)
 from bn_lightning.nn.registry import batch_norm_layers
 
 __all__ = ["check", "loader_findings", "select", "static_findings", "unsynchronized", "watch"]
@@ -150,16 +151,18 @@ def _on_vectors(layer: nn.Module) -> bool:
 
 
 def _adjacent_biases(model: nn.Module) -> list[Finding]:
-    """BN005 without an input: a biased layer directly before a BN in one ``nn.Sequential``."""
+    """BN005 and BN014 without an input: a biased layer, or a dropout, directly before a BN in one ``nn.Sequential``."""
     found, names = [], {m: n for n, m in model.named_modules()}
     known = set(batch_norm_layers(model).values())
     for sequential in (m for m in model.modules() if isinstance(m, nn.Sequential)):
         members = list(sequential)
         for before, after in zip(members, members[1:]):
-            if isinstance(before, BIASED) and before.bias is not None and after in known:
-                found.append(finding("BN005", names[after], f"its input is the output of {names[before]}, whose bias "
-                                     "the mean subtraction cancels: a parameter that never changes the output.",
-                                     f"build {names[before]} with bias=False; BN's beta is the bias."))
+            if after not in known:
+                continue
+            if isinstance(before, BIASED) and before.bias is not None:
+                found.append(bias_cancelled(names[after], names[before]))
+            elif isinstance(before, DROPOUTS):
+                found.append(dropout_before(names[after], names[before]))
     return found
 
 

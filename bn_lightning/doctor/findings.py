@@ -29,6 +29,7 @@ CODES: dict[str, tuple[str, str]] = {
     "BN011": ("warning", "running buffers that are no longer tracked"),
     "BN012": ("warning", "a cumulative average as running statistics"),
     "BN013": ("warning", "running statistics updated in evaluation mode"),
+    "BN014": ("warning", "dropout right before BN"),
 }
 
 

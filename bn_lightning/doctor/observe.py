@@ -19,11 +19,13 @@ from torch import Tensor, nn
 from bn_lightning.doctor.findings import Finding, finding
 from bn_lightning.nn.registry import is_batch_norm
 
-__all__ = ["Observer", "preserved", "tensor_state"]
+__all__ = ["Observer", "bias_cancelled", "dropout_before", "preserved", "tensor_state"]
 
 RUNNING = ("running_mean", "running_var")
 # Layers whose bias a BN right after them cancels (one bias per output channel).
 BIASED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# Layers whose output's variance differs between training and evaluation (Li et al. 2019's variance shift).
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 def tensor_state(module: nn.Module) -> dict[str, Tensor]:
@@ -88,6 +90,18 @@ def preserved(model: nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
+def bias_cancelled(layer: str, producer: str) -> Finding:
+    return finding("BN005", layer, f"its input is the output of {producer}, whose bias the mean subtraction cancels: a "
+                   f"parameter that never changes the output.", f"build {producer} with bias=False; BN's beta is the bias.")
+
+
+def dropout_before(layer: str, producer: str) -> Finding:
+    return finding("BN014", layer, f"its input is the output of {producer}: dropout changes its input's variance between "
+                   f"training and evaluation, so the running variance BN evaluates with (estimated with dropout on) "
+                   f"does not match what it sees in evaluation (Li et al. 2019's variance shift).",
+                   "move the dropout after the last BN layer (before the classifier), or drop it.")
+
+
 class Observer:
     """Forward hooks on every module that holds buffers or tensor attributes, and on the biased layers that
     may feed a BN, turning each forward into findings (kept once per code and layer in :attr:`found`).
@@ -107,7 +121,7 @@ class Observer:
         self.momenta: dict[str, float] = {}  # layer: the momentum measured on its first training forward
         self._statistics: dict[nn.Module, list[str]] = {}  # BN-like layer: the names of its statistics
         self._before: dict[nn.Module, dict[str, tuple[Tensor, Tensor]]] = {}
-        self._producers: dict[int, tuple[weakref.ref, str]] = {}
+        self._producers: dict[int, tuple[weakref.ref, str, str]] = {}  # id: (output, layer, "biased" or "dropout")
         self._pending: list[tuple[str, list[bool]]] = []  # training forwards awaiting a gradient
         self._handles: list = []
 
@@ -128,7 +142,7 @@ class Observer:
             if is_batch_norm(module) or tensor_state(module):
                 self._handles.append(module.register_forward_pre_hook(self._before_forward))
                 self._handles.append(module.register_forward_hook(self._after_forward))
-            if isinstance(module, BIASED) and module.bias is not None:
+            if isinstance(module, BIASED) and module.bias is not None or isinstance(module, DROPOUTS):
                 self._handles.append(module.register_forward_hook(self._produced))
 
     def detach(self) -> None:
@@ -147,7 +161,8 @@ class Observer:
     # -- the hooks ------------------------------------------------------------------------------------------
     def _produced(self, module: nn.Module, args, output) -> None:
         if isinstance(output, Tensor):
-            self._producers[id(output)] = (weakref.ref(output), self.names.get(module, type(module).__name__))
+            kind = "dropout" if isinstance(module, DROPOUTS) else "biased"
+            self._producers[id(output)] = (weakref.ref(output), self.names.get(module, type(module).__name__), kind)
 
     def _before_forward(self, module: nn.Module, args) -> None:
         self._before[module] = {name: (t, t.detach().clone()) for name, t in tensor_state(module).items()}
@@ -194,9 +209,7 @@ class Observer:
         name = self.names.get(module, type(module).__name__)
         producer = self._producers.get(id(x))
         if producer is not None and producer[0]() is x:
-            self.add(finding("BN005", name, f"its input is the output of {producer[1]}, whose bias the mean subtraction "
-                             f"cancels: a parameter that never changes the output.",
-                             f"build {producer[1]} with bias=False; BN's beta is the bias."))
+            self.add(bias_cancelled(name, producer[1]) if producer[2] == "biased" else dropout_before(name, producer[1]))
         if not batch_statistics or x.dim() < 2:
             return
         shape, per_channel = tuple(x.shape), x.numel() // max(x.shape[1], 1)
