@@ -8,7 +8,7 @@ from torch import nn
 
 from bn_lightning.blog.program import BlogBatchNorm, blog_lenet, test as blog_test, train_epoch
 from bn_lightning.doctor import CODES, Finding, check, watch
-from bn_lightning.doctor.check import loader_findings, unsynchronized
+from bn_lightning.doctor.checks import loader_findings, unsynchronized
 from bn_lightning.doctor.cli import main as doctor_main
 from bn_lightning.doctor.findings import anchor
 from bn_lightning.nn import LeNet
@@ -241,6 +241,43 @@ def test_the_probe_restores_state_dict_tensor_attributes_gradients_modes_and_rng
     assert {name: m.training for name, m in net.named_modules()} == modes
 
 
+def test_the_probe_restores_buffers_counters_and_rng_that_a_forward_with_dropout_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.Dropout(0.5), nn.ReLU(), nn.BatchNorm2d(4))
+    x = images()
+    pending = model(x)  # a graph the caller built before the check, to backpropagate after it
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    given = images().requires_grad_()
+    assert check(model, given) == []
+    assert torch.equal(torch.get_rng_state(), rng) and given.grad is None
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())  # num_batches_tracked too
+    pending.sum().backward()  # no in-place change to what the graph saved
+
+
+def test_the_probe_refuses_a_lazy_model_it_would_initialize():
+    with pytest.raises(ValueError, match="lazy module"):
+        check(nn.Sequential(nn.LazyConv2d(4, 3, bias=False), nn.LazyBatchNorm2d()), images())
+
+
+def test_layers_with_state_that_are_not_batch_norms_are_not_taken_for_one():
+    class Head(nn.Module):  # a Linear on (N, C, L): its bias is along L, which BatchNorm1d(C) does not cancel
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = nn.Linear(5, 5), nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    assert check(Head(), torch.randn(8, 3, 5)) == []
+    instance = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.InstanceNorm2d(4, track_running_stats=True))
+    assert check(instance, images(1)) == []  # one image, normalized on its own: what instance norm is for
+    spectral = nn.Sequential(nn.Linear(16, 16), nn.utils.parametrizations.spectral_norm(nn.Linear(16, 2)))
+    assert check(spectral, torch.randn(8, 16)) == []  # its power iteration's state is not running statistics
+    frozen = conv_bn().requires_grad_(False).eval()  # inference only: nothing trains, nothing to warn of
+    assert check(frozen, images()) == []
+
+
 # -- real models -------------------------------------------------------------------------------------------------
 @pytest.mark.slow  # about a second each to build, more to probe
 @pytest.mark.parametrize("factory", [torchvision.models.resnet18, torchvision.models.mobilenet_v3_small],
@@ -380,6 +417,9 @@ def test_the_callback_sees_a_training_mode_validation_and_then_stays_out_of_the_
     clean = BatchNormDoctor(steps=2, precise_images=0)
     fit(Tiny.make(), clean)
     assert clean.findings == []
+    hooked.clear()  # the same callback in a second fit looks again (reporting nothing twice), then leaves again
+    fit(Tiny.make(train_in_validation=True), doctor, Hooks())
+    assert hooked[0] > 0 and hooked[2:] == [0, 0] and len(doctor.findings) == 1
 
 
 @pytest.mark.slow

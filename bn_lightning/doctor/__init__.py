@@ -7,7 +7,7 @@ and ``bn_lightning.nn`` only); ``BatchNormDoctor``, the Lightning callback, load
 
 from importlib import import_module
 
-from bn_lightning.doctor.check import check, watch
+from bn_lightning.doctor.checks import check, watch
 from bn_lightning.doctor.findings import CODES, Finding
 
 __all__ = ["CODES", "BatchNormDoctor", "Finding", "check", "watch"]

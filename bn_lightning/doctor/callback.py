@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
-from bn_lightning.doctor.check import loader_findings, select, static_findings, unsynchronized
+from bn_lightning.doctor.checks import loader_findings, select, static_findings, unsynchronized
 from bn_lightning.doctor.findings import Finding, finding
 from bn_lightning.doctor.observe import Observer, preserved
 from bn_lightning.nn.precise_bn import update_bn_stats
@@ -44,6 +44,7 @@ class BatchNormDoctor(Callback):
     # -- when it looks --------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._observer = Observer(pl_module)
+        self._watched_steps, self._evaluated = 0, set()  # a fit, validate or test of its own: look again
         self._report(static_findings(pl_module, probed=stage == "fit"), pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -66,6 +67,7 @@ class BatchNormDoctor(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         if self._watched_steps >= self.steps:
+            self._observer.detach()
             return
         self._watched_steps += 1
         self._report(self._observer.findings(), pl_module)

@@ -11,7 +11,7 @@ import textwrap
 
 import torch
 
-from bn_lightning.doctor.check import check
+from bn_lightning.doctor.checks import check
 from bn_lightning.doctor.findings import CODES, Finding
 
 __all__ = ["main", "table"]

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+from torch.nn.utils.parametrize import ParametrizationList
 
 from bn_lightning.doctor.findings import Finding, finding
 from bn_lightning.nn.registry import is_batch_norm
@@ -24,6 +26,8 @@ __all__ = ["Observer", "bias_cancelled", "dropout_before", "preserved", "tensor_
 RUNNING = ("running_mean", "running_var")
 # Layers whose bias a BN right after them cancels (one bias per output channel).
 BIASED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+# Norms with running statistics that are not batch norms: their statistics are per image by design.
+NOT_BATCH_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 # Layers whose output's variance differs between training and evaluation (Li et al. 2019's variance shift).
 DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -52,37 +56,42 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 @contextlib.contextmanager
 def preserved(model: nn.Module) -> Iterator[None]:
-    """Run a probe on ``model`` itself and put back, bit for bit, what a forward and backward can change:
-    parameters, buffers and tensor attributes (the same objects, with the same values), gradients, every
-    module's mode, and torch's random number generators. A model whose layer keeps autograd history in a
-    plain attribute (the blog's) cannot be deep-copied after a forward; this needs no copy."""
+    """Run a probe on ``model`` itself and leave its tensor state as it was: the same parameter, buffer and
+    tensor-attribute objects with the same values and version counters (so a graph the caller built before
+    the probe still backpropagates), the same gradients, every module's mode, and torch's random number
+    generators. Buffers and tensor attributes are swapped for clones during the probe and the originals put
+    back; parameters are not changed by a forward and backward. A model whose layer keeps autograd history in
+    a plain attribute (the blog's) cannot be deep-copied after a forward; this needs no copy."""
     modules = list(model.modules())
+    lazy = [name for name, p in model.named_parameters() if is_lazy(p)] + \
+           [name for name, b in model.named_buffers() if is_lazy(b)]
+    if lazy:
+        raise ValueError(f"{lazy[0]} is not initialized yet (a lazy module): run one forward of the model before "
+                         "probing it, or check it without an example input")
     modes = [(m, m.training) for m in modules]
-    parameters = [(m, name, p, p.detach().clone(), p.grad) for m in modules for name, p in m.named_parameters(recurse=False)]
-    state = [(m, name, t, t.detach().clone()) for m in modules for name, t in tensor_state(m).items()]
+    parameters = [(p, p.grad) for p in model.parameters()]
+    originals = [(m, name, t) for m in modules for name, t in tensor_state(m).items()]
     names_before = {m: set(tensor_state(m)) for m in modules}
+    clones: dict[int, Tensor] = {}  # one clone per tensor, so that state shared between modules stays shared
+    for m, name, t in originals:
+        if id(t) not in clones:
+            clone = t.detach().clone()
+            clones[id(t)] = clone.requires_grad_() if t.requires_grad and t.is_leaf else clone
+        setattr(m, name, clones[id(t)])
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    for _, _, p, _, _ in parameters:
+    for p, _ in parameters:
         p.grad = None  # the probe's backward writes fresh gradients; the user's are put back untouched
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, names in names_before.items():
-                for name in set(tensor_state(m)) - names:
-                    delattr(m, name)
-            for m, name, t, values in state:
-                if getattr(m, name, None) is not t:
-                    setattr(m, name, t)
-                if not _same(t, values):
-                    t.copy_(values)
-            for m, name, p, values, grad in parameters:
-                if getattr(m, name, None) is not p:
-                    setattr(m, name, p)
-                if not _same(p, values):
-                    p.copy_(values)
-                p.grad = grad
+        for m, names in names_before.items():
+            for name in set(tensor_state(m)) - names:
+                delattr(m, name)
+        for m, name, t in originals:
+            setattr(m, name, t)
+        for p, grad in parameters:
+            p.grad = grad
         for m, training in modes:
             m.training = training
         torch.set_rng_state(cpu_rng)
@@ -111,8 +120,10 @@ class Observer:
     training-mode forwards got a gradient; ``trainable``, the ids of the parameters an optimizer updates.
     """
 
-    def __init__(self, model: nn.Module, *, track_gradients: bool = False, trainable: set[int] | None = None) -> None:
+    def __init__(self, model: nn.Module, *, track_gradients: bool = False, trainable: set[int] | None = None,
+                 frozen_model: bool = False) -> None:
         self.model = model
+        self.frozen_model = frozen_model  # nothing in the model trains: frozen layers are no mistake
         self.names = {m: name for name, m in model.named_modules()}
         self.track_gradients = track_gradients
         self.trainable = trainable
@@ -138,7 +149,11 @@ class Observer:
         if self._handles:
             return
         self._handles.append(self.model.register_forward_pre_hook(lambda *_: self._producers.clear()))
+        # parametrizations (spectral norm's power iteration, say) keep per-step state too, but take weights as input
+        parametrizations = {id(m) for p in self.model.modules() if isinstance(p, ParametrizationList) for m in p.modules()}
         for module in self.model.modules():
+            if id(module) in parametrizations or isinstance(module, NOT_BATCH_NORMS):
+                continue
             if is_batch_norm(module) or tensor_state(module):
                 self._handles.append(module.register_forward_pre_hook(self._before_forward))
                 self._handles.append(module.register_forward_hook(self._after_forward))
@@ -160,7 +175,8 @@ class Observer:
 
     # -- the hooks ------------------------------------------------------------------------------------------
     def _produced(self, module: nn.Module, args, output) -> None:
-        if isinstance(output, Tensor):
+        # a Linear adds its bias along the last dimension: a BN cancels it only where that is the channel dimension
+        if isinstance(output, Tensor) and not (isinstance(module, nn.Linear) and output.dim() != 2):
             kind = "dropout" if isinstance(module, DROPOUTS) else "biased"
             self._producers[id(output)] = (weakref.ref(output), self.names.get(module, type(module).__name__), kind)
 
@@ -224,7 +240,7 @@ class Observer:
                              f"running statistics of the whole data.", "train on larger batches, or use a norm "
                              "that does not depend on the batch (GroupNorm, LayerNorm)."))
         elif x.dim() == 2 and x.shape[0] == 2:
-            self.add(finding("BN004", name, f"a training batch of 2 vectors (input {shape}): every output is +1 or -1 "
+            self.add(finding("BN004", name, f"a training batch of 2 vectors (input {shape}): every output is about +1 or -1 "
                              f"(times gamma, plus beta), whatever the input.", "train on larger batches, or use "
                              "LayerNorm on vectors."))
 
@@ -254,7 +270,7 @@ class Observer:
             r0, r1 = before[stat][1].double().reshape(-1), now[stat].detach().double().reshape(-1)
             if r0.numel() != channels:
                 continue
-            apart = (mean - r0).abs() > 1e-4 * (1 + r0.abs())
+            apart = (mean - r0).abs() > 1e-3 * (1 + r0.abs())
             if not apart.any():
                 continue
             ratio = ((r1 - r0) / (mean - r0))[apart]
@@ -262,7 +278,7 @@ class Observer:
             if (ratio - measured).abs().median().item() > 0.01 * (1 + abs(measured)):
                 continue  # not a moving average of the batch mean (a variance, say)
             self.momenta[name] = measured
-            if measured > 0.5:
+            if measured > 0.5 + 1e-3:  # above 0.5 beyond float32 rounding: 0.5 itself is torch's convention too
                 self.add(finding("BN007", name, f"its running mean moves {measured:.2f} of the way to each batch's "
                                  f"mean: torch's momentum is the new batch's weight, so this is most likely Keras/"
                                  f"TensorFlow's momentum {1 - measured:.2f} (the old value's weight) written in "
@@ -272,7 +288,7 @@ class Observer:
 
     def _frozen_but_updating(self, module: nn.Module, name: str) -> None:
         parameters = list(module.parameters(recurse=False))
-        if not parameters or getattr(module, "track_running_stats", True) is False:
+        if self.frozen_model or not parameters or getattr(module, "track_running_stats", True) is False:
             return
         if any(p.requires_grad and (self.trainable is None or id(p) in self.trainable) for p in parameters):
             return

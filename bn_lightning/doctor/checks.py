@@ -26,7 +26,7 @@ def check(model: nn.Module, example_input=None, *, optimizer: torch.optim.Optimi
           ignore: Iterable = (), loader=None) -> list[Finding]:
     """The batch-norm mistakes in ``model``: static checks of its modules (and of ``optimizer``'s groups and
     ``loader``'s last batch when given) and, with ``example_input`` (a tensor, a tuple of positional inputs
-    or a dict of keyword inputs), a probe: one training-mode forward and backward and one eval-mode forward on
+    or a dict of keyword inputs; a list is one input, as detection models take), a probe: one training-mode forward and backward and one eval-mode forward on
     the model itself, after which every parameter, buffer, tensor attribute, gradient, mode and random
     state is as it was. ``ignore`` takes codes (``"BN005"``) or ``(code, layer)`` pairs."""
     trainable = _optimized(optimizer)
@@ -34,7 +34,9 @@ def check(model: nn.Module, example_input=None, *, optimizer: torch.optim.Optimi
     if loader is not None:
         found += loader_findings(loader, model)
     if example_input is not None:
-        observer = Observer(model, trainable=trainable)
+        if optimizer is None and not any(p.requires_grad for p in model.parameters()):
+            trainable = set()  # nothing trains: a frozen layer is no mistake (BN006 needs something trained)
+        observer = Observer(model, trainable=trainable, frozen_model=trainable == set() and optimizer is None)
         with preserved(model), observer.attached():
             batch_size = _probe(model, example_input, observer)
         found += observer.findings()
@@ -140,7 +142,7 @@ def loader_findings(loader, model: nn.Module) -> list[Finding]:
     vectors = any(_on_vectors(layer) for layer in batch_norm_layers(model).values())
     if last == 1 or (last == 2 and vectors):
         what = ("one image: its statistics are its own" if last == 1 else
-                "2 vectors: every BatchNorm1d output is +1 or -1")
+                "2 vectors: every BatchNorm1d output is about +1 or -1")
         return [finding("BN004", "", f"the training loader's last batch holds {last} of {n} images (batch_size "
                         f"{batch_size}, drop_last=False): {what}.", "DataLoader(..., drop_last=True).")]
     return []
@@ -174,7 +176,8 @@ def _weight_decay(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[Fi
         decays = [decayed[id(p)] for p in layer.parameters(recurse=False) if id(p) in decayed]
         if decays:
             found.append(finding("BN010", name, f"weight decay {max(decays):g} applies to its gamma and beta: it "
-                                 "shrinks the scale and shift BN learns, which no weight it normalizes can make up.",
+                                 "pulls the scale and shift BN learns toward 0, which no later BN undoes when this is "
+                                 "the last one before a residual sum or the classifier.",
                                  "put BN's weight and bias in a parameter group with weight_decay=0."))
     return found
 
@@ -204,7 +207,8 @@ def _optimized(optimizer: torch.optim.Optimizer | None) -> set[int] | None:
 
 def _probe(model: nn.Module, example_input, observer: Observer) -> int | None:
     """Run the probe; return the batch size (the first input's first dimension) when there is one."""
-    args, kwargs = (example_input, {}) if isinstance(example_input, tuple | list) else \
+    example_input = _detached(example_input)  # the probe's backward leaves no gradient on the caller's input
+    args, kwargs = (example_input, {}) if isinstance(example_input, tuple) else \
         ((), example_input) if isinstance(example_input, dict) else ((example_input,), {})
     model.train()
     try:
@@ -223,6 +227,16 @@ def _probe(model: nn.Module, example_input, observer: Observer) -> int | None:
         model(*args, **kwargs)
     first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.dim() > 0), None)
     return None if first is None else first.shape[0]
+
+
+def _detached(value):
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, tuple | list):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
 
 
 def _total(output) -> Tensor | None:
