@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bn_lightning.compare.collect import PRIMARY
 from bn_lightning.compare.spec import Comparison
+from bn_lightning.compare.results import series
 from bn_lightning.compare.stats import differences, differences_table, pm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,6 +130,20 @@ def doctor_measured() -> dict[str, str]:
         f"The blog's program (Adam lr 0.01, batch 16), test accuracy after epoch {last}, the blog's test loop in "
         f"training mode against the same weights in eval mode (`results/blog_oom/accuracy.csv`, "
         f"`{BENCHMARK_COMMANDS['blog_oom'][1]}`):\n\n" + differences_table(differences(pairs)))
+    small = series(REPO / "results" / "small_batch")
+    rates = {4: "0.015625", 16: "0.0625", 256: "1.0"}
+
+    def final(batch: int, kind: str) -> dict[int, float]:
+        found = small[f"lenet_bn_scratch-batch_size={batch}-lr={rates[batch]}", f"precise_bn/val_acc_{kind}"]
+        return {seed: points[-1][1] for seed, points in found.items()}
+
+    batches = {f"batch {b}: training mode - eval mode": (final(b, "batch"), final(b, "ema")) for b in rates}
+    measured["BN001"] += (
+        "\n\nOur BN on the d2l LeNet trained at batch 4, 16 and 256 (lr scaled with the batch, 5 epochs), the final "
+        "weights' validation accuracy in training mode (each validation batch, of the training batch size, "
+        "normalized by its own statistics) against eval mode (`results/small_batch/series.csv`, "
+        "`python -m bn_lightning.compare configs/compare/small_batch.yaml --out results/small_batch`):\n\n"
+        + differences_table(differences(batches)))
     memory = json.loads((REPO / "results" / "blog_oom" / "memory.json").read_text())
     blog_row = next(s for s in memory["summaries"] if s["variant"] == "blog as written")["saved_bytes"]
     measured["BN002"] = (
