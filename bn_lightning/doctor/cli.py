@@ -56,19 +56,24 @@ def _build(spec: str) -> torch.nn.Module:
 
 
 def table(findings: list[Finding]) -> str:
-    """The findings one row each (code, severity, layer, what is wrong), then each code's fix and link once."""
+    """The findings as rows of code, severity, layers and what is wrong (one row for the layers that share a
+    message), then each code's fix and link once."""
     if not findings:
         return "No batch-norm mistake found."
-    width = max(len(f.layer or "(model)") for f in findings)
-    rows = [f"{'code':<6} {'severity':<8} {'layer':<{width}}  what is wrong"]
+    rows: dict[tuple[str, str, str], list[str]] = {}
     for f in findings:
-        rows.append(f"{f.code:<6} {f.severity:<8} {f.layer or '(model)':<{width}}  {f.message}")
-    rows += ["", "How to fix:"]
+        rows.setdefault((f.code, f.severity, f.message), []).append(f.layer or "(model)")
+    layers = {key: ", ".join(names) for key, names in rows.items()}
+    width = max(len(text) for text in layers.values())
+    lines = [f"{'code':<6} {'severity':<8} {'layers':<{width}}  what is wrong"]
+    for (code, severity, message), text in layers.items():
+        lines.append(f"{code:<6} {severity:<8} {text:<{width}}  {message}")
+    lines += ["", "How to fix:"]
     for code in sorted({f.code for f in findings}):
         first = next(f for f in findings if f.code == code)
-        rows.append(textwrap.fill(f"{code} ({CODES[code][1]}): {first.fix} See {first.link}", width=110,
-                                  subsequent_indent="      "))
-    return "\n".join(rows)
+        lines.append(textwrap.fill(f"{code} ({CODES[code][1]}): {first.fix} See {first.link}", width=110,
+                                   subsequent_indent="      "))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
