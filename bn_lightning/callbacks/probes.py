@@ -17,7 +17,6 @@ are left exactly as they were. "Layers" are the network's top-level children tha
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +27,7 @@ from torch.func import functional_call
 
 from bn_lightning.callbacks.base import EveryNSteps
 from bn_lightning.callbacks.tensorboard import log_scalars
+from bn_lightning.nn.measures import effective_rank, mean_pairwise_cosine, same_label_cosine, std_over_mean
 
 State = dict[str, Tensor]
 
@@ -155,38 +155,6 @@ class LandscapeProbe(_OneStepProbe):
         return {"landscape/loss": float(loss), "landscape/grad_norm": float(g.norm()),
                 "landscape/loss_range": max(losses) - min(losses), "landscape/grad_change": max(changes),
                 "landscape/beta": max(betas)}
-
-
-def mean_pairwise_cosine(rows: Tensor) -> float:
-    """Mean cosine similarity of every pair of distinct rows (1: all point the same way)."""
-    unit = F.normalize(rows.double(), dim=1)
-    n = unit.shape[0]
-    total = unit.sum(0).square().sum() - unit.square().sum()  # sum over i != j of <u_i, u_j>
-    return float(total / (n * (n - 1)))
-
-
-def same_label_cosine(rows: Tensor, labels: Tensor) -> float:
-    """Mean cosine similarity of the pairs of distinct rows whose labels agree (nan without such a pair)."""
-    unit = F.normalize(rows.double(), dim=1)
-    pairs = (labels[:, None] == labels[None, :]) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
-    return float((unit @ unit.T)[pairs].mean()) if pairs.any() else math.nan
-
-
-def effective_rank(rows: Tensor) -> float:
-    """Roy & Vetterli's effective rank: exp of the entropy of the normalized singular values (1 for a
-    rank-one matrix, min(n, d) when every direction is used alike)."""
-    singular = torch.linalg.svdvals(rows.double())
-    p = singular / singular.sum()
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def std_over_mean(rows: Tensor) -> float:
-    """How much the rows (images) differ relative to what they share: the root mean square over features of
-    the between-row std, over that of the mean row. Small when every image gives nearly the same output on top
-    of a common offset (an input-independent component, Bjorck et al. 2018), whatever the rank of the rest."""
-    rows = rows.double()
-    return float(rows.std(0).square().mean().sqrt() / rows.mean(0).square().mean().sqrt())
 
 
 class RepresentationProbe(EveryNSteps):
