@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.datasets import FashionMNIST
 
-from bn_lightning.training.data import resolve_data_dir
 from bn_lightning.nn.lenet import LeNet
+from bn_lightning.training.data import load_fashion_mnist  # noqa: F401  (the blog's loader, named here too)
 
 __all__ = ["BlogBatchNorm", "blog_lenet", "load_fashion_mnist", "batches", "train_epoch", "test"]
 
@@ -105,13 +103,6 @@ def blog_lenet(norm: str = "blog") -> LeNet:
             num_dims = 4 if isinstance(block.norm, nn.BatchNorm2d) else 2
             block.norm = BlogBatchNorm(block.norm.num_features, num_dims, detach=norm == "blog_detach")
     return net
-
-
-def load_fashion_mnist(train: bool, root: str | Path | None = None) -> tuple[Tensor, Tensor]:
-    """torchvision's Fashion-MNIST, never downloaded: images (N, 1, 28, 28) in [0, 1] (d2l's ToTensor),
-    labels. ``root`` defaults to :func:`bn_lightning.training.data.resolve_data_dir`."""
-    data = FashionMNIST(resolve_data_dir(root), train=train, download=False)
-    return data.data.unsqueeze(1).float() / 255, data.targets
 
 
 def batches(images: Tensor, labels: Tensor, batch_size: int,

@@ -50,8 +50,11 @@ def std_over_mean(rows: Tensor) -> float:
 def representation_profile(rows: Tensor) -> dict[str, float]:
     """Every measure of one layer's outputs for a batch (rows: images, flattened): the uncentered cosine and
     effective rank, the centered effective rank (Daneshmand et al. 2020's rank collapse is a small value of
-    it), the between-image std over the mean, and the root mean square of the values (the activation scale)."""
+    it), the between-image std over the mean, and the root mean square of the values (the activation scale);
+    nan for each where a value is not finite."""
     rows = rows.detach().reshape(rows.shape[0], -1)
+    if not rows.isfinite().all():  # a network that diverged: nothing to measure
+        return dict.fromkeys(("cosine", "erank", "centered_erank", "std_over_mean", "rms"), math.nan)
     return {"cosine": mean_pairwise_cosine(rows), "erank": effective_rank(rows),
             "centered_erank": effective_rank(rows - rows.mean(0)), "std_over_mean": std_over_mean(rows),
             "rms": float(rows.double().square().mean().sqrt())}

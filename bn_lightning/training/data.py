@@ -35,6 +35,13 @@ def resolve_data_dir(explicit: str | Path | None = None, root: str | Path = ".")
     return str(Path(root) / chosen)
 
 
+def load_fashion_mnist(train: bool, root: str | Path | None = None) -> tuple[Tensor, Tensor]:
+    """torchvision's Fashion-MNIST, never downloaded: images (N, 1, 28, 28) in [0, 1] (d2l's ToTensor),
+    labels. ``root`` defaults to :func:`resolve_data_dir`."""
+    data = FashionMNIST(resolve_data_dir(root), train=train, download=False)
+    return data.data.unsqueeze(1).float() / 255, data.targets
+
+
 def _corrupt(path: Path, problem: str) -> CorruptDataError:
     return CorruptDataError(
         f"{path.resolve()} is not a valid Fashion-MNIST file: {problem}.\n"

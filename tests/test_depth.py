@@ -1,0 +1,33 @@
+"""The depth measurements at initialization: the growth rate as defined, and a quick run that writes every
+point with finite measures."""
+
+import csv
+import math
+
+import pytest
+
+from bn_lightning.depth.at_init import growth_rate, main, points
+
+
+def test_the_growth_rate_is_the_geometric_mean_ratio_over_the_middle_half_toward_the_input():
+    assert growth_rate([1.5 ** (10 - i) for i in range(11)]) == pytest.approx(1.5)  # grows toward the input
+    ratios = [9.0, 2.0, 2.0, 8.0, 8.0, 2.0, 2.0, 9.0]  # the ends left out: 2, 8, 8, 2 in the middle
+    norms = [1.0]
+    for r in reversed(ratios):
+        norms.insert(0, norms[0] * r)
+    assert growth_rate(norms) == pytest.approx(4.0)
+    assert math.isnan(growth_rate([1.0]))
+
+
+@pytest.mark.slow  # about 10 s: 92 small networks
+def test_a_quick_run_writes_every_point_with_finite_measures(tiny_data, tmp_path):
+    main(["--out", str(tmp_path), "--quick", "--data-dir", str(tiny_data)])
+    with open(tmp_path / "rates.csv") as f:
+        rates = list(csv.DictReader(f))
+    assert len(rates) == len(points(quick=True))
+    at_init = [r for r in rates if r["steps"] == "0"]
+    assert all(math.isfinite(float(r["rate"])) for r in at_init)  # trained ones may diverge (nan)
+    with open(tmp_path / "points.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(int(r["depth"]) + 1 for r in rates)  # the stem and every block
+    assert all(float(r["centered_erank"]) >= 1 - 1e-9 and float(r["grad_sq"]) > 0 for r in rows if r["steps"] == "0")
