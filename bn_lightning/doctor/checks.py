@@ -99,7 +99,7 @@ def static_findings(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     to the probe what it measures better (the momentum, the bias a BN cancels)."""
     found = []
     for name, layer in batch_norm_layers(model).items():
-        plain = [n for n in plain_attributes(layer)]
+        plain = plain_attributes(layer)
         if plain:
             found.append(finding("BN003", name, f"its statistics ({', '.join(plain)}) are plain tensor attributes: "
                                  "state_dict() and checkpoints leave them out, and .to() does not move them.",

@@ -9,7 +9,6 @@ channel of its input: that is how the blog's layer, which no registry knows, is 
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 from collections.abc import Iterator
 
@@ -326,6 +325,3 @@ class Observer:
 
     close = optimizer_stepped  # at the end, the same rule for the forwards since the last step
 
-
-def binomial_se(accuracy: float, n: int) -> float:
-    return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)
