@@ -19,7 +19,7 @@ def test_the_growth_rate_is_the_geometric_mean_ratio_over_the_middle_half_toward
     assert math.isnan(growth_rate([1.0]))
 
 
-@pytest.mark.slow  # about 10 s: 92 small networks
+@pytest.mark.slow  # about 12 s: 116 small networks
 def test_a_quick_run_writes_every_point_with_finite_measures(tiny_data, tmp_path):
     main(["--out", str(tmp_path), "--quick", "--data-dir", str(tiny_data)])
     with open(tmp_path / "rates.csv") as f:

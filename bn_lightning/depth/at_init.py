@@ -14,7 +14,7 @@ blocks' squared gradient norms, toward the input: Yang et al. predict pi / (pi -
 in the wide, large-batch limit (docs/predictions.md). Three studies, each over 3 seeds:
 
 * ``depth``: depth 2 to 64 x {no norm, BN, LayerNorm} x {relu, tanh, sigmoid} x {plain, residual} x both
-  inputs, width and batch 512;
+  inputs, width and batch 512; no norm with He / Xavier initialization and again with torch's default;
 * ``size``: plain BN ReLU at depth 32, batch 16 to 1024 at width 512, width 128 to 1024 at batch 512;
 * ``steps``: depth 32 ReLU, plain and residual, no norm and BN, measured again after 1, 10 and 100 SGD steps
   (batches of 512 training images, lr ``--lr``).
@@ -61,10 +61,12 @@ class Point:
     batch: int = 512
     seed: int = 0
     steps: int = 0
+    init: str = "scaled"  # or "torch": its default initialization, for the no-norm networks beside He / Xavier
 
     def network(self) -> DeepMLP:
         torch.manual_seed(self.seed)
-        return DeepMLP(self.depth, self.width, NORMS[self.norm], activation=self.activation, residual=self.residual)
+        return DeepMLP(self.depth, self.width, NORMS[self.norm], activation=self.activation, residual=self.residual,
+                       init=self.init)
 
 
 def growth_rate(squared_norms: list[float]) -> float:
@@ -111,6 +113,7 @@ def points(quick: bool = False) -> list[Point]:
     size = dict(width=32, batch=64) if quick else {}
     found = [Point("depth", d, n, a, r, i, seed=s, **size) for d, n, a, r, i, s in itertools.product(
         depths, NORMS, ["relu", "tanh", "sigmoid"], [False, True], ["gaussian", "images"], seeds)]
+    found += [replace(p, init="torch") for p in found if p.norm == "none"]
     base = Point("size", 8 if quick else 32, "bn", "relu", False, "gaussian", **size)
     for s in seeds:
         found += [replace(base, batch=b, seed=s) for b in ([16, 64] if quick else [16, 64, 256, 1024])]
