@@ -199,6 +199,11 @@ def test_the_probes_log_to_tensorboard_and_leave_training_exactly_as_it_is_witho
     assert all(0 < u < 1 for u in logged["weights/fc1/relative_update"])
 
 
+def test_a_representation_probe_larger_than_the_validation_set_says_what_to_change(tiny_data, tmp_path):
+    with pytest.raises(ValueError, match="measures 64 validation images, but the validation set has 40"):
+        fit(tiny_data, tmp_path, [probes.RepresentationProbe(2, num_images=64, gradient_images=8)])
+
+
 def test_a_frozen_weight_has_no_effective_step(tiny_data, tmp_path):
     seed_everything(0)
     module = Classifier(LeNet("scratch"), optimizer=lambda p: torch.optim.SGD(p, lr=0.5), trainable="norm")

@@ -191,6 +191,9 @@ class RepresentationProbe(EveryNSteps):
             seen += len(y)
             if seen >= self.num_images:
                 break
+        if seen < self.num_images:
+            raise ValueError(f"RepresentationProbe measures {self.num_images} validation images, but the validation "
+                             f"set has {seen}: lower its num_images (and gradient_images) or enlarge data.val_size")
         device = next(pl_module.net.parameters()).device
         self._batch = (torch.cat(images)[: self.num_images].to(device), torch.cat(labels)[: self.num_images].to(device))
 
