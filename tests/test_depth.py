@@ -6,6 +6,8 @@ import math
 
 import pytest
 
+from bn_lightning.compare.stats import pm
+from bn_lightning.depth import report
 from bn_lightning.depth.at_init import growth_rate, main, points
 
 
@@ -31,3 +33,15 @@ def test_a_quick_run_writes_every_point_with_finite_measures(tiny_data, tmp_path
         rows = list(csv.DictReader(f))
     assert len(rows) == sum(int(r["depth"]) + 1 for r in rates)  # the stem and every block
     assert all(float(r["centered_erank"]) >= 1 - 1e-9 and float(r["grad_sq"]) > 0 for r in rows if r["steps"] == "0")
+
+    # The tables are the CSV files' numbers: a cell of rates.md, and the rank criterion's difference.
+    typed_rates, typed_points = report.load(tmp_path)
+    bn = [r["rate"] for r in typed_rates if (r["study"], r["depth"], r["norm"], r["activation"], r["residual"],
+                                              r["inputs"], r["steps"]) == ("depth", 8, "bn", "relu", False, "images", 0)]
+    assert len(bn) == 1 and f"| plain, BN | {pm(bn)} |" in (tmp_path / "rates.md").read_text()
+    last = {r["depth"]: r["centered_erank"] for r in typed_points if r["block"] == r["depth"] and r["study"] == "depth"
+            and (r["norm"], r["init"], r["activation"], r["residual"], r["inputs"]) == ("bn", "scaled", "relu", False,
+                                                                                      "images")}
+    found = report.rank_differences(typed_points)["BN, images: depth 8 - half of depth 2"]
+    assert found.mean == pytest.approx(last[8] - last[2] / 2)
+    assert (tmp_path / "rates.png").stat().st_size > 10_000

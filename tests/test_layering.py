@@ -11,7 +11,7 @@ from helpers import REPO
 
 PACKAGE = REPO / "bn_lightning"
 # Rank of each layer: a module may import its own layer and lower ranks; compare and blog never each other.
-RANKS = {"nn": 0, "training": 1, "callbacks": 2, "doctor": 2, "compare": 3, "blog": 3, "depth": 3}
+RANKS = {"nn": 0, "training": 1, "callbacks": 2, "doctor": 2, "compare": 3, "blog": 3, "depth": 4}
 ENTRY_POINTS = {"__init__.py", "__main__.py", "_compat.py"}  # the package's own files, above every layer
 HEAVY = ("lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "torchvision", "tensorboard", "matplotlib")
 

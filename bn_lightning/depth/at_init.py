@@ -20,7 +20,8 @@ in the wide, large-batch limit (docs/predictions.md). Three studies, each over 3
   (batches of 512 training images, lr ``--lr``).
 
 Writes ``points.csv`` (one row per network, seed, input, steps and block) and ``rates.csv`` (one row per
-network, seed, input and steps) to ``--out``; notebook 05 reads them.
+network, seed, input and steps) to ``--out``, then the tables and figure of :mod:`~bn_lightning.depth.report`;
+notebook 05 reads them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bn_lightning.depth import report
 from bn_lightning.nn.deep import DeepMLP
 from bn_lightning.nn.measures import gradient_profile, representation_profile
 from bn_lightning.training.data import load_fashion_mnist
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+    report.write(args.out)
     print(f"{len(todo)} points in {time.perf_counter() - start:.0f} s; written to {args.out}")
 
 
