@@ -105,3 +105,29 @@ def test_a_config_fits_checkpoints_and_tests_through_the_cli(tiny_data, tmp_path
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert sum(key.endswith("running_mean") for key in checkpoint["state_dict"]) == 4  # stem and 3 blocks
     assert "DeepMLP" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("kind", list(NETS))
+def test_every_monitor_and_probe_finds_the_blocks_of_a_residual_bn_network(kind, tiny_data, tmp_path):
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from bn_lightning import Classifier, FashionMNISTDataModule
+    from bn_lightning.callbacks import ActivationMonitor, BatchNormMonitor, probes
+    from helpers import scalars
+
+    seed_everything(0)
+    net = NETS[kind](depth=2, width=8, norm="scratch", residual=True)
+    callbacks = [BatchNormMonitor(every_n_steps=2, histogram_every_n_steps=None), ActivationMonitor(every_n_steps=2),
+                 probes.GradientICS(2), probes.LandscapeProbe(2), probes.WeightNormMonitor(2),
+                 probes.RepresentationProbe(2, num_images=40, gradient_images=8)]
+    trainer = Trainer(max_steps=3, logger=TensorBoardLogger(tmp_path, name="run"), callbacks=callbacks,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=1, num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(Classifier(net, optimizer=lambda p: torch.optim.SGD(p, lr=0.1)),
+                FashionMNISTDataModule(str(tiny_data), batch_size=32, val_size=40))
+    tags = set(scalars(trainer.logger.log_dir))
+    for block in ("block1", "block2"):
+        found = {tag.split("/")[0] for tag in tags if f"/{block}" in tag}
+        assert {"bn", "act", "ics", "weights", "collapse"} <= found, (block, sorted(tags))
+    assert "landscape/beta" in tags
