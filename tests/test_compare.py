@@ -178,6 +178,10 @@ def test_runs_in_parallel_tabulates_from_the_events_and_resumes_only_what_is_unf
             events.Reload()
             gaps = [e.value for tag in events.Tags()["scalars"] if tag.endswith("/mean_gap") for e in events.Scalars(tag)]
             assert len(gaps) == 4 and float(row["bn_mean_gap"]) == pytest.approx(statistics.fmean(gaps))
+        events = EventAccumulator(str(run.folder(out)), size_guidance={"scalars": 0})
+        events.Reload()
+        p85 = [events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"] if tag.endswith("/layer/p85")]
+        assert len(p85) == 4 and int(float(row["layers_mostly_off"])) == sum(v <= 0 for v in p85)
 
     summary = {row["group"]: row for row in read_csv(out / "results.csv")}
     assert list(summary) == ["lenet_no_bn", "lenet_bn_scratch"]

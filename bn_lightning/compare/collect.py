@@ -19,7 +19,7 @@ RESULT_FILE = "result.json"
 # The primary metric comes first: fixed before any run, it is what the tables rank by and the statistics compare.
 PRIMARY = "val_acc_last3"
 FIGURES = (PRIMARY, "final_val_acc", "precise_val_acc", "test_acc", "best_val_acc", "step_to_threshold",
-           "seconds_per_epoch", "bn_mean_gap", "diverged_at_step")
+           "seconds_per_epoch", "bn_mean_gap", "layers_mostly_off", "diverged_at_step")
 LAST_EPOCHS = 3  # the primary metric averages the validation accuracy of a run's last this many epochs
 GAP_LOGS = 5  # bn_mean_gap averages a run's last this many logs
 PRECISE_TAG = re.compile(r"precise_bn/val_acc_(\d+)")
@@ -60,6 +60,8 @@ def read_run(folder: Path, comparison: Comparison) -> dict:
     starts = [events.FirstEventTimestamp(), *epoch_ends[:-1]]
     reached = [step for step, value in val if value >= comparison.threshold]
     gaps = [series(tag)[-GAP_LOGS:] for tag in events.Tags()["scalars"] if tag.startswith("bn/") and tag.endswith("/mean_gap")]
+    # Dying units: an activation whose input is <= 0 at its 85th percentile passes (a ReLU) almost nothing.
+    p85 = [series(tag)[-1][1] for tag in events.Tags()["scalars"] if tag.startswith("act/") and tag.endswith("/layer/p85")]
     layer = comparison.percentile_layer
     return {
         # One epoch's accuracy swings by points at a large lr: the mean of the last few is the steadier summary.
@@ -72,6 +74,8 @@ def read_run(folder: Path, comparison: Comparison) -> dict:
         "seconds_per_epoch": statistics.median(end - start for start, end in zip(starts, epoch_ends)) if epoch_ends else math.nan,
         # How far batch means sit from the running means evaluation uses: noise that grows as batches shrink.
         "bn_mean_gap": statistics.fmean(value for gap in gaps for _, value in gap) if gaps else math.nan,
+        # How many activation layers had 85% or more of their inputs <= 0 at their last log.
+        "layers_mostly_off": sum(value <= 0 for value in p85) if p85 else math.nan,
         "val_acc": val,
         "percentiles": {f"p{p}": series(f"act/{layer}/unit/p{p}") for p in PERCENTILES},
         # Every comparison keeps its validation accuracy per epoch, whatever else its file asks for.
