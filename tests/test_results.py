@@ -56,3 +56,29 @@ def test_best_arms_read_back_the_choice_the_runner_wrote_in_differences_md():
     for name, arm in chosen.items():
         mean, std = results.mean_std(list(arm.compared.values()))
         assert f"| {name} | {arm.value} " in table and f"| {mean:.4f} ± {std:.4f} |" in table
+
+
+def test_precise_bn_evaluations_score_the_last_3_epochs_and_pair_the_same_runs_evaluations(tmp_path):
+    kinds = {"ema": 0.0, "55000": 0.02, "batch": 0.01}  # offsets of each evaluation from a seed's curve
+    groups = [f"cfg-momentum={m}" for m in ("0.1", "None")]
+    with open(tmp_path / "runs.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["group", "seed"], *[[g, s] for g in groups for s in range(3)]])
+    with open(tmp_path / "series.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["group", "seed", "tag", "step", "value"])
+        for g, group in enumerate(groups):
+            for seed in range(3):
+                for epoch in range(5):
+                    for kind, offset in kinds.items():
+                        value = 0.5 + 0.1 * epoch + 0.01 * seed * (1 + epoch % 2) + offset - 0.2 * g * (kind == "ema")
+                        writer.writerow([group, seed, f"precise_bn/val_acc_{kind}", 100 * epoch, value])
+    scored = results.evaluations(tmp_path, "cfg-momentum=0.1")
+    assert scored["ema"][1] == pytest.approx(statistics.fmean(0.5 + 0.1 * e + 0.01 * (1 + e % 2) for e in (2, 3, 4)))
+    found = results.precise_bn_differences(tmp_path, "cfg")
+    assert list(found) == ["momentum 0.1: precise - running", "cumulative: precise - running",
+                           "running: cumulative - momentum 0.1", "each val batch's own - precise"]
+    assert found["momentum 0.1: precise - running"].mean == pytest.approx(0.02)
+    assert found["cumulative: precise - running"].mean == pytest.approx(0.22)
+    assert found["running: cumulative - momentum 0.1"].mean == pytest.approx(-0.2)
+    assert found["each val batch's own - precise"].mean == pytest.approx(-0.01)
+    assert found["momentum 0.1: precise - running"].test.test == "paired t"

@@ -13,14 +13,14 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from bn_lightning.compare.collect import PRIMARY
+from bn_lightning.compare.collect import LAST_EPOCHS, PRIMARY
 from bn_lightning.compare.contrasts import TUNED, Arm, arms
 from bn_lightning.compare.report import plot_band
 from bn_lightning.compare.spec import Comparison
-from bn_lightning.compare.stats import Series, differences, differences_table, mean_curve, mean_std, pm
+from bn_lightning.compare.stats import Difference, Series, differences, differences_table, mean_curve, mean_std, pm
 
 __all__ = ["Series", "best_arms", "differences", "differences_table", "figure_of", "have", "mean_curve", "mean_std", "per_seed", "plot_band",
-           "pm", "runs", "series"]
+           "evaluations", "pm", "precise_bn_differences", "runs", "series"]
 
 
 def have(folder: Path) -> bool:
@@ -77,3 +77,29 @@ def best_arms(folder: Path, comparison: Comparison) -> dict[str, Arm]:
             results[run] = {PRIMARY: number(row[PRIMARY]), TUNED: number(row[TUNED]),
                             "diverged_at_step": None if diverged in ("", "None") else int(float(diverged))}
     return arms(comparison, results)
+
+
+def evaluations(folder: Path, group: str) -> dict[str, dict[int, float]]:
+    """Each evaluation a group's PreciseBN callback logged (``ema``: the running statistics, ``batch``, and each
+    image count), scored per seed by the primary metric's rule: the mean of the last ``LAST_EPOCHS`` epochs."""
+    found = {}
+    for (name, tag), points in series(folder).items():
+        if name == group and tag.startswith("precise_bn/val_acc_"):
+            found[tag.removeprefix("precise_bn/val_acc_")] = {
+                seed: sum(value for _, value in sorted(p)[-LAST_EPOCHS:]) / LAST_EPOCHS for seed, p in points.items()}
+    return found
+
+
+def precise_bn_differences(folder: Path, config: str, reference: str = "0.1") -> dict[str, Difference]:
+    """results/precise_bn's family of comparisons for one schedule (``config``), paired by seed: at each momentum,
+    precise statistics (all 55,000 images) - the running ones; the cumulative average - the ``reference`` momentum
+    (both running); each validation batch's own statistics - precise ones (at the reference momentum)."""
+    prefix = f"{config}-momentum="
+    momenta = list(dict.fromkeys(row["group"].removeprefix(prefix) for row in runs(folder)
+                                 if row["group"].startswith(prefix)))
+    scored = {m: evaluations(folder, prefix + m) for m in momenta}
+    pairs = {f"{'cumulative' if m == 'None' else f'momentum {m}'}: precise - running": (scored[m]["55000"], scored[m]["ema"])
+             for m in momenta}
+    pairs[f"running: cumulative - momentum {reference}"] = (scored["None"]["ema"], scored[reference]["ema"])
+    pairs["each val batch's own - precise"] = (scored[reference]["batch"], scored[reference]["55000"])
+    return differences(pairs)
