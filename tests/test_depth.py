@@ -19,6 +19,7 @@ def test_the_growth_rate_is_the_geometric_mean_ratio_over_the_middle_half_toward
         norms.insert(0, norms[0] * r)
     assert growth_rate(norms) == pytest.approx(4.0)
     assert math.isnan(growth_rate([1.0]))
+    assert math.isnan(growth_rate([4.0, 2.0, 0.0, 1.0])) and math.isnan(growth_rate([math.inf, 2.0, 1.0]))
 
 
 @pytest.mark.slow  # about 12 s: 116 small networks
@@ -42,6 +43,8 @@ def test_a_quick_run_writes_every_point_with_finite_measures(tiny_data, tmp_path
     last = {r["depth"]: r["centered_erank"] for r in typed_points if r["block"] == r["depth"] and r["study"] == "depth"
             and (r["norm"], r["init"], r["activation"], r["residual"], r["inputs"]) == ("bn", "scaled", "relu", False,
                                                                                       "images")}
-    found = report.rank_differences(typed_points)["BN, images: depth 8 - half of depth 2"]
-    assert found.mean == pytest.approx(last[8] - last[2] / 2)
+    criterion, described = report.rank_differences(typed_points)
+    assert criterion["BN: rank at depth 8 - half of depth 2"].mean == pytest.approx(last[8] - last[2] / 2)
+    assert described["BN, images: depth 8 - half of depth 2"].mean == pytest.approx(last[8] - last[2] / 2)
+    assert len(criterion) == 4 and len(described) == 8
     assert (tmp_path / "rates.png").stat().st_size > 10_000

@@ -68,6 +68,11 @@ def test_the_verdicts_and_the_adjusted_intervals_agree_with_holm():
         ci90 = stats.ttest_rel(*(list(v.values()) for v in {"far": far, "close": close, "noisy": noisy}[d.name])).confidence_interval(0.90)
         assert (d.low90, d.high90) == pytest.approx((ci90.low, ci90.high), rel=1e-10)
     assert "differs" in found["far"].text() and found["far"].text().startswith("+")
+    # A margin per comparison (measures in other units): "close" is not within a margin of a thousandth.
+    per_name = differences({"far": far, "close": close, "noisy": noisy}, margin={"far": 0.005, "close": 0.0001,
+                                                                                  "noisy": 0.005})
+    assert per_name["close"].verdict == "unresolved" and per_name["close"].margin == 0.0001
+    assert per_name["close"].p_holm == found["close"].p_holm
     table = differences_table(found)
     assert table.count("\n") == 5 and "| far |" in table and "unresolved" in table
 

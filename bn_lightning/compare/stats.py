@@ -164,15 +164,17 @@ class Difference:
                 f"{self.verdict}")
 
 
-def differences(pairs: Mapping[str, tuple[Values, Values]], margin: float = MARGIN, level: float = LEVEL,
-            paired: bool | None = None) -> dict[str, Difference]:
-    """Every comparison of one experiment, ``{name: (a, b)}`` for the difference ``a - b``, tested together.
+def differences(pairs: Mapping[str, tuple[Values, Values]], margin: float | Mapping[str, float] = MARGIN,
+                level: float = LEVEL, paired: bool | None = None) -> dict[str, Difference]:
+    """Every comparison of one experiment, ``{name: (a, b)}`` for the difference ``a - b``, tested together;
+    ``margin`` is the equivalence margin of every comparison, or of each by name (measures in different units).
 
     The adjusted intervals follow Holm's steps: the k-th smallest p-value's interval is at level
     1 - alpha / (m - k) (k from 0), and from the first comparison Holm does not reject on, every later one keeps
     that level. An interval then excludes 0 exactly when the Holm-adjusted p-value is below alpha.
     """
     tests = {name: t_test(a, b, paired) for name, (a, b) in pairs.items()}
+    margins = dict(margin) if isinstance(margin, Mapping) else dict.fromkeys(pairs, margin)
     names = list(tests)
     adjusted = dict(zip(names, holm([tests[name].p for name in names])))
     alpha = 1 - level
@@ -189,11 +191,11 @@ def differences(pairs: Mapping[str, tuple[Values, Values]], margin: float = MARG
         low90, high90 = test.interval(0.90)
         if name in levels and adjusted[name] < alpha:
             verdict = "differs"
-        elif -margin < low90 and high90 < margin:
+        elif -margins[name] < low90 and high90 < margins[name]:
             verdict = "equivalent"
         else:
             verdict = "unresolved"
-        found[name] = Difference(name, test, low, high, low90, high90, adjusted[name], margin, verdict)
+        found[name] = Difference(name, test, low, high, low90, high90, adjusted[name], margins[name], verdict)
     return found
 
 

@@ -72,10 +72,11 @@ class Point:
 
 
 def growth_rate(squared_norms: list[float]) -> float:
-    """Geometric mean over the middle half of the blocks of ``norm[l] / norm[l + 1]`` (toward the input)."""
-    ratios = [a / b for a, b in zip(squared_norms, squared_norms[1:]) if a > 0 and b > 0]
-    if not ratios:
+    """Geometric mean over the middle half of the blocks of ``norm[l] / norm[l + 1]`` (toward the input); nan
+    when a norm is zero or not finite (a gradient that vanished or overflowed has no rate)."""
+    if len(squared_norms) < 2 or not all(0 < n < math.inf for n in squared_norms):
         return math.nan
+    ratios = [a / b for a, b in zip(squared_norms, squared_norms[1:])]
     quarter = len(ratios) // 4
     middle = ratios[quarter: len(ratios) - quarter] or ratios
     return math.exp(sum(math.log(r) for r in middle) / len(middle))

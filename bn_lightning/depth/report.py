@@ -3,7 +3,8 @@
 
 Differences are the statistics helper's (:func:`~bn_lightning.compare.stats.differences`), paired by seed, with
 the equivalence margins recorded in docs/predictions.md before the runs were read: 0.05 for a per-layer rate,
-1 for an effective rank.
+1 for an effective rank, 0.05 for a ratio of ranks. The comparisons a prediction's criterion names are tested as
+a family of their own; the others, descriptive, as another.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 
 from bn_lightning.compare.stats import Difference, differences, differences_table, pm
 
-__all__ = ["RANK_MARGIN", "RATE_MARGIN", "load", "rank_differences", "step_differences", "write"]
+__all__ = ["RANK_MARGIN", "RATE_MARGIN", "RATIO_MARGIN", "load", "rank_differences", "step_differences", "write"]
 
 RATE_MARGIN = 0.05  # per-layer growth of the squared gradient norm
 RANK_MARGIN = 1.0  # effective rank (directions)
+RATIO_MARGIN = 0.05  # a ratio of effective ranks
 YANG_RELU = 3.141592653589793 / (3.141592653589793 - 1)  # Yang et al. 2019's pi / (pi - 1)
 ACTIVATIONS = ["relu", "tanh", "sigmoid"]
 NETWORKS = [("none", "scaled"), ("none", "torch"), ("bn", "scaled"), ("ln", "scaled")]
@@ -99,16 +101,17 @@ def steps_networks() -> list[tuple[str, bool]]:
     return [(norm, residual) for residual in (False, True) for norm in ("none", "bn")]
 
 
-def step_differences(rates: list[dict]) -> dict[str, Difference]:
-    """Rate after 1, 10 and 100 SGD steps - rate at initialization, paired by seed, one experiment."""
-    pairs = {}
+def step_differences(rates: list[dict]) -> tuple[dict[str, Difference], dict[str, Difference]]:
+    """Rate after 1, 10 and 100 SGD steps - rate at initialization, paired by seed: plain BN's three, the
+    prediction's family, and the other networks' nine, a descriptive family of their own."""
+    families: tuple[dict, dict] = ({}, {})
     for norm, residual in steps_networks():
         rows = select(rates, study="steps", norm=norm, residual=residual)
         start = per_seed(select(rows, steps=0), "rate")
         for k in (1, 10, 100):
-            pairs[f"{kind(residual)}, {NAMES[norm, 'scaled']}: after {k} - at init"] = (
+            families[(norm, residual) != ("bn", False)][f"{kind(residual)}, {NAMES[norm, 'scaled']}: after {k} - at init"] = (
                 per_seed(select(rows, steps=k), "rate"), start)
-    return differences(pairs, margin=RATE_MARGIN)
+    return differences(families[0], margin=RATE_MARGIN), differences(families[1], margin=RATE_MARGIN)
 
 
 def steps_table(rates: list[dict]) -> str:
@@ -141,19 +144,40 @@ def rank_table(points: list[dict], inputs: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rank_differences(points: list[dict]) -> dict[str, Difference]:
-    """Daneshmand et al.'s criterion: the rank at the deepest depth - half the rank at depth 2, per network and
-    input, paired by seed (negative and ``differs``: it fell below half)."""
+def ranks_at(points: list[dict], norm: str, init: str, inputs: str, depth: int) -> dict[int, float]:
+    """Per seed: the centered effective rank of the last block of a plain ReLU network at initialization."""
+    return per_seed(select(last_block(points, study="depth", norm=norm, init=init, activation="relu", residual=False,
+                                      inputs=inputs, steps=0), depth=depth), "centered_erank")
+
+
+def rank_differences(points: list[dict]) -> tuple[dict[str, Difference], dict[str, Difference]]:
+    """Daneshmand et al.'s criterion, on Fashion-MNIST images, paired by seed, one family: for no norm (He) and
+    for BN, the rank at the deepest depth - half the rank at depth 2 (negative and ``differs``: it fell below
+    half); no norm's ratio (deepest / depth 2) - BN's (negative: it fell more); no norm's rank at the deepest
+    depth - at depth 2 (whether it fell at all). And a descriptive family: the first difference for every
+    network and input."""
     depths = sorted({r["depth"] for r in points if r["study"] == "depth"})
-    pairs = {}
-    for inputs in ("images", "gaussian"):
-        for norm, init in NETWORKS:
-            rows = last_block(points, study="depth", norm=norm, init=init, activation="relu", residual=False,
-                              inputs=inputs, steps=0)
-            deep = per_seed(select(rows, depth=depths[-1]), "centered_erank")
-            half = {seed: value / 2 for seed, value in per_seed(select(rows, depth=depths[0]), "centered_erank").items()}
-            pairs[f"{NAMES[norm, init]}, {inputs}: depth {depths[-1]} - half of depth {depths[0]}"] = (deep, half)
-    return differences(pairs, margin=RANK_MARGIN)
+    shallow, deep = depths[0], depths[-1]
+
+    def below_half(norm, init, inputs):
+        half = {seed: value / 2 for seed, value in ranks_at(points, norm, init, inputs, shallow).items()}
+        return ranks_at(points, norm, init, inputs, deep), half
+
+    def ratio(norm):
+        low, high = ranks_at(points, norm, "scaled", "images", shallow), ranks_at(points, norm, "scaled", "images", deep)
+        return {seed: high[seed] / low[seed] for seed in low if seed in high}
+
+    criterion = {
+        f"no norm (He): rank at depth {deep} - half of depth {shallow}": below_half("none", "scaled", "images"),
+        f"BN: rank at depth {deep} - half of depth {shallow}": below_half("bn", "scaled", "images"),
+        f"rank at depth {deep} / depth {shallow}: no norm (He) - BN": (ratio("none"), ratio("bn")),
+        f"no norm (He): rank at depth {deep} - at depth {shallow}": (ranks_at(points, "none", "scaled", "images", deep),
+                                                                    ranks_at(points, "none", "scaled", "images", shallow)),
+    }
+    margins = {name: RATIO_MARGIN if "/" in name else RANK_MARGIN for name in criterion}
+    described = {f"{NAMES[norm, init]}, {inputs}: depth {deep} - half of depth {shallow}": below_half(norm, init, inputs)
+                 for inputs in ("images", "gaussian") for norm, init in NETWORKS}
+    return differences(criterion, margin=margins), differences(described, margin=RANK_MARGIN)
 
 
 def rates_over_depth(rates: list[dict], inputs: str = "gaussian", activation: str = "relu"):
@@ -184,16 +208,22 @@ def write(folder: Path) -> None:
     """results/depth_init/*.md and rates.png from its CSV files."""
     folder = Path(folder)
     rates, points = load(folder)
-    note = (" Differences paired by seed, Holm-adjusted within the table; `differs`: the adjusted 95% interval "
-            "excludes 0; `equivalent`: the 90% interval lies within ±{margin}; otherwise `unresolved`.")
+    note = (" Paired by seed, Holm-adjusted within the table; `differs`: the adjusted 95% interval excludes 0; "
+            "`equivalent`: the 90% interval lies within the margin ({margin}); otherwise `unresolved`.")
+    steps, other_steps = step_differences(rates)
+    ranks, other_ranks = rank_differences(points)
     (folder / "rates.md").write_text(rates_table(rates, "gaussian") + "\n" + rates_table(rates, "images"))
     (folder / "size.md").write_text(size_table(rates))
     (folder / "steps.md").write_text(
-        steps_table(rates) + "\nAfter training steps - at initialization." + note.format(margin=RATE_MARGIN)
-        + "\n\n" + differences_table(step_differences(rates), scale=1, unit="per layer", digits=3))
+        steps_table(rates) + "\nThe prediction's comparisons, plain BN after training steps - at initialization."
+        + note.format(margin=RATE_MARGIN) + "\n\n" + differences_table(steps, scale=1, unit="per layer", digits=3)
+        + "\nThe other networks, a descriptive family of its own.\n\n"
+        + differences_table(other_steps, scale=1, unit="per layer", digits=3))
     (folder / "rank.md").write_text(
         rank_table(points, "images") + "\n" + rank_table(points, "gaussian")
-        + "\nRank at the deepest depth - half the rank at depth 2 (Daneshmand et al. 2020's criterion)."
-        + note.format(margin=RANK_MARGIN) + "\n\n"
-        + differences_table(rank_differences(points), scale=1, unit="directions", digits=1))
+        + "\nDaneshmand et al.'s criterion (docs/predictions.md), Fashion-MNIST images."
+        + note.format(margin=f"{RANK_MARGIN:g} direction, {RATIO_MARGIN:g} for the ratio") + "\n\n"
+        + differences_table(ranks, scale=1, unit="directions or ratio", digits=2)
+        + "\nEvery network and input: rank at the deepest depth - half the rank at depth 2, a descriptive family.\n\n"
+        + differences_table(other_ranks, scale=1, unit="directions", digits=1))
     rates_over_depth(rates).savefig(folder / "rates.png", dpi=80)
