@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.out / name, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()}
+                             for row in rows)  # 6 significant digits: the measures' own precision is lower
     report.write(args.out)
     print(f"{len(todo)} points in {time.perf_counter() - start:.0f} s; written to {args.out}")
 

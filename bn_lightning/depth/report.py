@@ -89,7 +89,7 @@ def size_table(rates: list[dict]) -> str:
     both = select(rates, norm="bn", activation="relu", residual=False, inputs="gaussian", depth=depth, steps=0)
     lines = [f"The rate of plain BN with ReLU at depth {depth}, Gaussian inputs, over the batch size and the width "
              "(mean ± std over seeds):", "", "| batch | width | rate |", "|---|---|---|"]
-    base = select(rates, study="size")[0]
+    base = select(rates, study="depth")[0]  # the width and batch the other axis is held at
     batches = sorted({r["batch"] for r in both if r["width"] == base["width"]})
     widths = sorted({r["width"] for r in both if r["batch"] == base["batch"] and r["width"] != base["width"]})
     for batch, width in [(b, base["width"]) for b in batches] + [(base["batch"], w) for w in widths]:
@@ -198,6 +198,8 @@ def rates_over_depth(rates: list[dict], inputs: str = "gaussian", activation: st
         ax.axhline(1.0, color="black", linewidth=0.5)
         ax.set(xscale="log", yscale="log", xlabel="depth (blocks)", title=f"{kind(residual)}, {activation}, {inputs}")
         ax.set_xticks(depths, [str(d) for d in depths])
+        ax.minorticks_off()
+        ax.set_yticks([0.1, 0.2, 0.5, 1, 1.5], ["0.1", "0.2", "0.5", "1", "1.5"])
     axes[0].set_ylabel("squared gradient norm ratio per layer")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
