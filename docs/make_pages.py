@@ -68,6 +68,13 @@ FINDINGS = [
     ("Batch Renorm against BN at batch 4", "small_batch", "differences.md",
      "lenet_batch_renorm-batch_size=4-lr=0.015625 - lenet_bn_scratch-batch_size=4-lr=0.015625",
      "notebooks/01_batchnorm_from_scratch.ipynb"),
+    ("Plain BN at depth 32: per-layer growth of the squared gradient after one SGD step, against at "
+     "initialization", "depth_init", "steps.md", "plain, BN: after 1 - at init",
+     "notebooks/05_depth_and_residuals.ipynb"),
+    ("No norm (He), depth 64: centered rank of the last block, against half its rank at depth 2", "depth_init",
+     "rank.md", "no norm (He): rank at depth 64 - half of depth 2", "notebooks/05_depth_and_residuals.ipynb"),
+    ("BN, depth 64: the same", "depth_init", "rank.md", "BN: rank at depth 64 - half of depth 2",
+     "notebooks/05_depth_and_residuals.ipynb"),
 ]
 
 

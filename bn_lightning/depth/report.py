@@ -225,7 +225,7 @@ def write(folder: Path) -> None:
         rank_table(points, "images") + "\n" + rank_table(points, "gaussian")
         + "\nDaneshmand et al.'s criterion (docs/predictions.md), Fashion-MNIST images."
         + note.format(margin=f"{RANK_MARGIN:g} direction, {RATIO_MARGIN:g} for the ratio") + "\n\n"
-        + differences_table(ranks, scale=1, unit="directions or ratio", digits=2)
+        + differences_table(ranks, scale=1, unit="effective rank", digits=2)
         + "\nEvery network and input: rank at the deepest depth - half the rank at depth 2, a descriptive family.\n\n"
         + differences_table(other_ranks, scale=1, unit="directions", digits=1))
     rates_over_depth(rates).savefig(folder / "rates.png", dpi=80)
