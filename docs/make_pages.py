@@ -107,7 +107,8 @@ def stale(name: str) -> str | None:
 
 
 def results_page() -> str:
-    folders = sorted((p for p in (REPO / "results").iterdir() if p.is_dir()),
+    # A folder with files of its own holds results; one with run folders only is a comparison still running.
+    folders = sorted((p for p in (REPO / "results").iterdir() if p.is_dir() and any(f.is_file() for f in p.iterdir())),
                      key=lambda p: (p.name not in FIRST, p.name))
     parts = [GENERATED, "", "# Results", "",
              "Every comparison this project ran, as its committed `results/<name>/` holds it: mean ± std over seeds.",

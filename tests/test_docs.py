@@ -22,3 +22,11 @@ def test_every_relative_link_of_the_readme_and_docs_leads_to_a_file():
 
 def test_the_readme_is_for_a_first_read():
     assert len((REPO / "README.md").read_text().splitlines()) <= 210
+
+
+def test_the_results_page_has_a_section_for_each_committed_results_folder_and_no_other():
+    """A comparison still running leaves run folders (ignored by git) under results/: not a section."""
+    tracked = subprocess.run(["git", "ls-files", "results"], cwd=REPO, capture_output=True, text=True, check=True)
+    folders = {path.split("/")[1] for path in tracked.stdout.split() if path.count("/") >= 2}
+    headings = set(re.findall(r"^## (\S+)$", (REPO / "docs" / "results.md").read_text(), re.M))
+    assert headings == folders
