@@ -1,5 +1,7 @@
 """The command line end to end: every config parses, a real fit leaves checkpoints and TensorBoard events."""
 
+import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -21,6 +23,11 @@ def resolved(capsys, *args) -> dict:
         main(["fit", *args, "--print_config"])
     assert done.value.code == 0
     return yaml.safe_load(capsys.readouterr().out)
+
+
+def import_object(dotted: str):
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def flatten(tree, prefix: str = "") -> dict:
@@ -50,6 +57,15 @@ def test_every_config_is_a_short_delta_that_resolves_over_the_defaults(config, c
     untouched = [key for key in printed if key not in flatten(written) and not key.startswith(swapped)]
     assert {key: printed[key] for key in untouched} == {key: defaults[key] for key in untouched}
     assert printed["trainer.logger.class_path"] == "lightning.pytorch.loggers.TensorBoardLogger"
+    # A swapped class starts from its own defaults: nothing the defaults' class was given leaks into it (as
+    # LeNet's sigmoid once did into DeepMLP, through the argument name both share).
+    for prefix in swapped:
+        signature = inspect.signature(import_object(printed[f"{prefix}class_path"]))
+        for key in (k for k in printed if k.startswith(f"{prefix}init_args.") and k not in flatten(written)):
+            name = key.removeprefix(f"{prefix}init_args.")
+            if "." not in name and name in signature.parameters:
+                default = signature.parameters[name].default
+                assert printed[key] == (list(default) if isinstance(default, tuple) else default), (config.name, key)
 
 
 def test_every_config_names_its_own_run():
