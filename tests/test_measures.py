@@ -1,12 +1,14 @@
 """The framework-free measures: per-weight squared gradient norms against a direct backward, and a layer's
 representation profile against direct computations."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from bn_lightning.nn import DeepMLP
-from bn_lightning.nn.measures import effective_rank, gradient_profile, representation_profile, std_over_mean
+from bn_lightning.nn.measures import angle, effective_rank, gradient_profile, representation_profile, std_over_mean
 
 
 def test_gradient_profile_is_the_squared_norm_of_each_weights_gradient_and_leaves_grads_alone():
@@ -31,3 +33,17 @@ def test_representation_profile_measures_the_rows():
     assert profile["std_over_mean"] == pytest.approx(std_over_mean(rows))
     assert profile["rms"] == pytest.approx(float(rows.double().square().mean().sqrt()))
     assert 0 < profile["cosine"] <= 1
+
+
+def test_angle_is_the_angle_between_the_vectors_even_for_the_tiny_turns_of_one_step():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    cosine = float((a * b).sum().double() / (a.double().norm() * b.double().norm()))
+    assert angle(a, b) == pytest.approx(math.acos(cosine), rel=1e-6)
+    assert angle(a, 3 * a) == pytest.approx(0, abs=1e-7) and angle(a, -a) == pytest.approx(math.pi)  # float32 rounding
+    # A turn of 1e-6 rad in the plane of two orthogonal unit vectors, at a scale where float32's acos reads 0.
+    u = torch.zeros(1000, dtype=torch.float64)
+    v = u.clone()
+    u[0], v[1] = 1.0, 1.0
+    turned = 2.5 * (math.cos(1e-6) * u + math.sin(1e-6) * v)
+    assert angle(u, turned) == pytest.approx(1e-6, rel=1e-6)

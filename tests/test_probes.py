@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import itertools
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -197,6 +199,9 @@ def test_the_probes_log_to_tensorboard_and_leave_training_exactly_as_it_is_witho
     torch.manual_seed(0)
     assert norms[0] == pytest.approx(float(LeNet("noisy_bn").conv2.affine.weight.detach().norm()), rel=1e-6)
     assert all(0 < u < 1 for u in logged["weights/fc1/relative_update"])
+    # The angle a step turns W by: at most what the whole step would turn it by if it were all sideways.
+    for turned, moved in zip(logged["weights/fc1/angular_update"], logged["weights/fc1/relative_update"]):
+        assert 0 < math.sin(turned) <= moved * (1 + 1e-6)
 
 
 def test_a_representation_probe_larger_than_the_validation_set_says_what_to_change(tiny_data, tmp_path):
@@ -212,4 +217,5 @@ def test_a_frozen_weight_has_no_effective_step(tiny_data, tmp_path):
     trainer.fit(module, FashionMNISTDataModule(str(tiny_data), batch_size=32, val_size=40))
     logged = scalars(trainer.logger.log_dir)
     assert logged["weights/fc1/effective_lr"] == [0.0, 0.0] and logged["weights/fc1/relative_update"] == [0.0, 0.0]
+    assert logged["weights/fc1/angular_update"] == [0.0, 0.0]
     assert logged["weights/head/effective_lr"][0] > 0

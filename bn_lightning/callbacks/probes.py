@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from bn_lightning.callbacks.base import EveryNSteps
 from bn_lightning.callbacks.tensorboard import log_scalars
-from bn_lightning.nn.measures import effective_rank, mean_pairwise_cosine, same_label_cosine, std_over_mean
+from bn_lightning.nn.measures import angle, effective_rank, mean_pairwise_cosine, same_label_cosine, std_over_mean
 
 State = dict[str, Tensor]
 
@@ -233,11 +233,14 @@ class RepresentationProbe(EveryNSteps):
 
 class WeightNormMonitor(_OneStepProbe):
     """Per layer: ``weights/<layer>/norm`` = ||W|| of its weight, ``weights/<layer>/effective_lr`` =
-    lr / ||W||^2 and ``weights/<layer>/relative_update`` = ||W' - W|| / ||W|| over the logged step.
+    lr / ||W||^2, ``weights/<layer>/relative_update`` = ||W' - W|| / ||W|| and
+    ``weights/<layer>/angular_update`` = the angle between W and W' (radians) over the logged step.
 
     Behind a BN the layer's output does not depend on the scale of W, so a step of lr moves it as a step of
     lr / ||W||^2 would at ||W|| = 1 (Arora et al. 2019): growing weights anneal the learning rate. Without
-    BN the same numbers describe the raw step. Layers are the modules named ``affine`` (LeNet's blocks)
+    BN the same numbers describe the raw step. With weight decay the norm settles, and the angle a step turns
+    W by approaches sqrt(2 lr wd) for SGD (Wan et al. 2021); the relative update also counts the decay's
+    shrinking along W, the angle does not. Layers are the modules named ``affine`` (LeNet's blocks)
     and the top-level linear or conv layers.
     """
 
@@ -265,4 +268,5 @@ class WeightNormMonitor(_OneStepProbe):
             metrics[f"weights/{layer}/norm"] = norm
             metrics[f"weights/{layer}/effective_lr"] = lr / max(norm**2, 1e-30)
             metrics[f"weights/{layer}/relative_update"] = float((weight.detach() - before).norm()) / max(norm, 1e-30)
+            metrics[f"weights/{layer}/angular_update"] = angle(before, weight.detach())
         return metrics

@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["effective_rank", "gradient_profile", "mean_pairwise_cosine", "representation_profile", "same_label_cosine",
+__all__ = ["angle", "effective_rank", "gradient_profile", "mean_pairwise_cosine", "representation_profile", "same_label_cosine",
            "std_over_mean"]
+
+
+def angle(a: Tensor, b: Tensor) -> float:
+    """The angle between two tensors taken as vectors, in radians: ``2 atan2(|u - v|, |u + v|)`` of their unit
+    vectors, exact for the tiny angles of one optimizer step, where ``acos`` of a cosine near 1 is not."""
+    u, v = F.normalize(a.detach().double().flatten(), dim=0), F.normalize(b.detach().double().flatten(), dim=0)
+    return float(2 * torch.atan2((u - v).norm(), (u + v).norm()))
 
 
 def mean_pairwise_cosine(rows: Tensor) -> float:
