@@ -26,8 +26,8 @@ from bn_lightning.training.data import FashionMNISTDataModule
 from bn_lightning.nn.lenet import LeNet
 from bn_lightning.training.module import Classifier
 from bn_lightning.training.resume import StopAndResume
-from bn_lightning.training.sampling import EpochShuffle, ResumableLoader
-from helpers import REPO, frequent_logging_callbacks, run_cli
+from bn_lightning.training.sampling import ClassMixShuffle, EpochShuffle, ResumableLoader
+from helpers import REPO, SHARED_DATA, frequent_logging_callbacks, needs_real_data, run_cli
 from stop_points import RaiseAtStep, SignalAtStep
 
 TESTS = Path(__file__).resolve().parent
@@ -242,3 +242,64 @@ def test_batches_are_still_one_slice_of_the_images(tiny_data):
     loader = dm.train_dataloader()
     assert isinstance(loader, ResumableLoader) and isinstance(loader.sampler, EpochShuffle)
     assert [len(y) for _, y in loader] == [64, 64, 52] and calls == [64, 64, 52]
+
+
+def test_class_mixed_batches_cover_every_image_once_per_epoch_and_resume_mid_epoch(tiny_data):
+    dm = FashionMNISTDataModule(tiny_data, batch_size=32, val_size=40, classes_per_batch=2, shuffle_seed=5)
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, ClassMixShuffle)
+    images = {bytes(image.numpy()) for image in dm.train_set.images}
+    assert len(images) == len(dm.train_set)  # the tiny images are all distinct, so coverage is checked by content
+
+    def served(loader) -> list[list[bytes]]:
+        return [[bytes((x[i, 0] * 255).round().byte().numpy()) for i in range(len(x))] for x, _ in loader]
+
+    epoch0 = served(loader)
+    assert sorted(sum(epoch0, [])) == sorted(images) and [len(b) for b in epoch0] == [32] * 5
+    torch.manual_seed(1)  # the global RNG plays no part
+    assert served(dm.train_dataloader()) == epoch0
+    loader.sampler.set_epoch(1)
+    epoch1 = served(loader)
+    assert epoch1 != epoch0 and sorted(sum(epoch1, [])) == sorted(images)
+
+    iterator = iter(loader)  # stopped after 2 batches of epoch 1: a new loader given that state serves the rest
+    next(iterator), next(iterator)
+    again = FashionMNISTDataModule(tiny_data, batch_size=32, val_size=40, classes_per_batch=2, shuffle_seed=99)
+    again.prepare_data()
+    again.setup("fit")
+    resumed = again.train_dataloader()
+    resumed.load_state_dict(loader.state_dict())
+    resumed.sampler.set_epoch(1)
+    assert served(resumed) == epoch1[2:]
+
+
+@needs_real_data
+def test_class_mixed_batches_hold_two_classes_in_equal_parts_and_every_pair_meets():
+    dm = FashionMNISTDataModule(str(SHARED_DATA), batch_size=256, download=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    labels = dm.train_set.targets
+    order = ClassMixShuffle(labels, batch_size=256, classes_per_batch=2, seed=0)
+    for epoch in range(2):
+        batches = order.batches(epoch)
+        assert sorted(torch.cat(batches).tolist()) == list(range(len(labels)))
+        assert [len(b) for b in batches] == [256] * (len(labels) // 256) + [len(labels) % 256]
+        counts = [sorted(torch.bincount(labels[b], minlength=10).tolist()) for b in batches[:-1]]
+        two_halves = [c == [0] * 8 + [128, 128] for c in counts]
+        mixed = order.mixed(epoch)
+        assert two_halves.count(False) == mixed <= 8, mixed  # where the classes run out (under 4% of 214)
+        pairs = {tuple(labels[b].unique().tolist()) for b, ok in zip(batches, two_halves) if ok}
+        assert len(pairs) == 45  # every pair of the 10 classes, not a fixed pairing
+    assert not torch.equal(order.order(0), order.order(1))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"classes_per_batch": 3}, "divide batch_size 256 into equal parts, got 3"),
+    ({"classes_per_batch": 11}, "one of Fashion-MNIST's 1 to 10 classes"),
+    ({"classes_per_batch": 0}, "one of Fashion-MNIST's 1 to 10 classes"),
+])
+def test_a_class_mix_the_batches_cannot_hold_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FashionMNISTDataModule(**kwargs)

@@ -132,6 +132,9 @@ class FashionMNISTDataModule(LightningDataModule):
             alone (``ResumableLoader``), so a run resumed mid-epoch serves the rest of the same order.
             None takes the seed torch's global RNG was seeded with (``seed_everything``'s, when called),
             recorded in the hyperparameters; the CLI writes that value into the run's config.yaml.
+        classes_per_batch: batches that are not i.i.d.: each training batch holds this many classes in equal
+            parts (``ClassMixShuffle``; every image still once per epoch, resumable alike); None (the default)
+            shuffles. The validation and test batches mix the classes either way.
         on_device: keep the images (47 MB of bytes for all 70,000) on the Trainer's device and cut the
             batches there, instead of cutting them in host memory and copying each one over.
     """
@@ -148,6 +151,7 @@ class FashionMNISTDataModule(LightningDataModule):
         download: bool = True,
         shuffle_seed: int | None = None,
         on_device: bool = False,
+        classes_per_batch: int | None = None,
     ) -> None:
         super().__init__()
         if on_device and num_workers > 0:
@@ -157,6 +161,9 @@ class FashionMNISTDataModule(LightningDataModule):
             raise ValueError(f"batch_size must be a positive number of images, got {batch_size}")
         if val_size <= 0:
             raise ValueError(f"val_size must be a positive number of images, got {val_size}")
+        if classes_per_batch is not None and not (1 <= classes_per_batch <= 10 and batch_size % classes_per_batch == 0):
+            raise ValueError(f"classes_per_batch must be one of Fashion-MNIST's 1 to 10 classes and divide batch_size "
+                             f"{batch_size} into equal parts, got {classes_per_batch}")
         if std <= 0:
             raise ValueError(f"std must be positive (inputs are divided by it), got {std}")
         # Saved as text: a Path in the checkpoint would not load weights-only.
@@ -251,7 +258,8 @@ class FashionMNISTDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # A last batch of one image has no batch statistics (BN refuses it); leave that image out.
         drop_last = len(self.train_set) % self.hparams.batch_size == 1
-        return self._loader(self.train_set, ResumableLoader, seed=self.hparams.shuffle_seed, drop_last=drop_last)
+        return self._loader(self.train_set, ResumableLoader, seed=self.hparams.shuffle_seed, drop_last=drop_last,
+                            classes_per_batch=self.hparams.classes_per_batch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

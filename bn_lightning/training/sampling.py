@@ -1,8 +1,9 @@
 """The training order of a run: drawn from ``(seed, epoch)`` alone, and resumable mid-epoch.
 
-``EpochShuffle`` is the permutation; ``ResumableLoader`` is the DataLoader over it whose position in
-the epoch goes into every checkpoint, so a run resumed mid-epoch serves the batches the stopped one
-had not served yet, in the same order.
+``EpochShuffle`` is the permutation; ``ClassMixShuffle`` an order whose batches each hold a few classes (batches
+that are not i.i.d.); ``ResumableLoader`` is the DataLoader over either whose position in the epoch goes into
+every checkpoint, so a run resumed mid-epoch serves the batches the stopped one had not served yet, in the same
+order.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ class EpochShuffle(Sampler[int]):
     def skip(self, count: int) -> None:
         self._skip = count
 
+    def generator(self, epoch: int) -> torch.Generator:
+        """The epoch's own random stream. Seed and epoch are mixed by numpy's SeedSequence: seed 1 epoch 0 and
+        seed 0 epoch 1 differ."""
+        words = np.random.SeedSequence(self.seed % 2**63, spawn_key=(epoch,)).generate_state(2, np.uint32)
+        return torch.Generator().manual_seed((int(words[0]) << 31) ^ int(words[1]))
+
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.size)
-        # Seed and epoch mixed by numpy's SeedSequence: seed 1 epoch 0 and seed 0 epoch 1 differ.
-        words = np.random.SeedSequence(self.seed % 2**63, spawn_key=(epoch,)).generate_state(2, np.uint32)
-        generator = torch.Generator().manual_seed((int(words[0]) << 31) ^ int(words[1]))
-        return torch.randperm(self.size, generator=generator)
+        return torch.randperm(self.size, generator=self.generator(epoch))
 
     def __iter__(self) -> Iterator[int]:
         skip, self._skip = self._skip, 0
@@ -47,6 +51,64 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class ClassMixShuffle(EpochShuffle):
+    """An order of every index once per epoch in which each run of ``batch_size`` indices (a batch) holds the
+    images of ``classes_per_batch`` classes, in equal parts: batches that are not i.i.d., as when a loader is
+    sorted by label or a pipeline groups images by source (the case Ioffe 2017 built Batch Renorm for).
+
+    Each batch's classes are drawn at random in proportion to the images each has left, so every pair of
+    classes meets and the classes run out at about the same time; the batches are then shuffled, and the
+    short one (``size % batch_size`` images) comes last. Where a chosen class runs short, its batch takes
+    the rest from the other chosen ones, then from the classes with the most left, so a few batches of an
+    epoch (where the classes run out) hold unequal parts or more classes; ``mixed(epoch)`` counts them. Drawn from ``(seed, epoch)`` alone, as ``EpochShuffle``'s order.
+    """
+
+    def __init__(self, labels: torch.Tensor, batch_size: int, classes_per_batch: int, seed: int) -> None:
+        classes = int(labels.unique().numel())
+        if not 1 <= classes_per_batch <= classes:
+            raise ValueError(f"classes_per_batch must be between 1 and the {classes} classes of the data, "
+                             f"got {classes_per_batch}")
+        if batch_size % classes_per_batch:
+            raise ValueError(f"batch_size {batch_size} does not split into {classes_per_batch} equal parts: choose "
+                             f"a batch size that classes_per_batch divides")
+        super().__init__(len(labels), seed)
+        self.labels, self.batch_size, self.classes_per_batch = labels.cpu(), batch_size, classes_per_batch
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        """The epoch's batches of indices, in order."""
+        generator = self.generator(epoch)
+        pools = [members[torch.randperm(len(members), generator=generator)].tolist()
+                 for members in (torch.nonzero(self.labels == c).flatten() for c in self.labels.unique())]
+        share, batches, left = self.batch_size // self.classes_per_batch, [], len(self.labels)
+        while left:
+            counts = torch.tensor([float(len(pool)) for pool in pools])
+            chosen = torch.multinomial(counts, min(self.classes_per_batch, int((counts > 0).sum())),
+                                       generator=generator).tolist()
+            ranked = chosen + sorted(set(range(len(pools))) - set(chosen), key=lambda c: -len(pools[c]))
+            want, batch = min(self.batch_size, left), []
+            for c in ranked[: self.classes_per_batch]:
+                batch += pools[c][:share]
+                del pools[c][:share]
+            for c in ranked:  # where the chosen classes had less than their share: from the most plentiful
+                taken = pools[c][: want - len(batch)]
+                batch += taken
+                del pools[c][: len(taken)]
+            left -= len(batch)
+            batches.append(torch.tensor(batch)[torch.randperm(len(batch), generator=generator)])
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        return [full[i] for i in torch.randperm(len(full), generator=generator).tolist()] + short
+
+    def mixed(self, epoch: int) -> int:
+        """How many whole batches of the epoch are not ``classes_per_batch`` classes in equal parts."""
+        share = self.batch_size // self.classes_per_batch
+        return sum(len(b) == self.batch_size and sorted(torch.bincount(self.labels[b]).tolist())[-self.classes_per_batch:]
+                   != [share] * self.classes_per_batch for b in self.batches(epoch))
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return torch.cat(self.batches(epoch))
 
 
 class ResumableLoader(DataLoader):
@@ -61,16 +123,20 @@ class ResumableLoader(DataLoader):
     equals the batches training has taken. Its own ``torch.Generator`` seeds worker processes, so
     iterating draws nothing from the global RNG either.
 
+    ``classes_per_batch`` orders the epoch by ``ClassMixShuffle`` (the dataset's ``targets`` are the classes).
     Given a ``sampler`` (Lightning rebuilds the loader with a ``DistributedSampler`` around ours for
     multi-process training), it is a plain DataLoader: a resumed epoch starts over.
     """
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, sampler: Sampler | None = None, **kwargs
+        self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True, sampler: Sampler | None = None,
+        classes_per_batch: int | None = None, **kwargs
     ) -> None:
         kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
         self.resumable = sampler is None
-        if sampler is None:
+        if sampler is None and classes_per_batch is not None:
+            sampler = ClassMixShuffle(dataset.targets, batch_size, classes_per_batch, seed)
+        elif sampler is None:
             sampler = EpochShuffle(len(dataset), seed, shuffle)
         super().__init__(dataset, batch_size=batch_size, sampler=sampler, **kwargs)
         self._skip = 0
