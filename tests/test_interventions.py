@@ -292,6 +292,24 @@ def test_rest_options_give_every_other_parameter_its_own_learning_rate():
         torch.testing.assert_close(p.detach(), before[name] - lr * p.grad, rtol=0, atol=1e-6)
 
 
+def test_weight_decay_on_the_bn_fed_weights_alone_as_configs_compare_weight_decay_sets_it():
+    torch.manual_seed(0)
+    module = Classifier(LeNet("scratch"), optimizer=lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=5e-3),
+                        rest_options={"lr": 1.0, "weight_decay": 0.0})
+    optimizer = module.configure_optimizers()
+    x, y = images()
+    before = {name: p.detach().clone() for name, p in module.net.named_parameters()}
+    F.cross_entropy(module(x), y).backward()
+    optimizer.step()
+    invariant = {id(w) for w in scale_invariant_weights(module.net)}
+    for name, p in module.net.named_parameters():
+        if id(p) in invariant:  # SGD's decay: the gradient of (wd / 2) ||W||^2 added to the loss's
+            expected = before[name] - 0.1 * (p.grad + 5e-3 * before[name])
+        else:
+            expected = before[name] - 1.0 * p.grad
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+
+
 def test_rest_options_on_a_network_without_scale_invariant_weights_say_what_is_wrong():
     for net in (LeNet("none"), LeNet("scratch", norm_position="after"), LeNet("group_norm")):
         with pytest.raises(ValueError, match="no weight of this network feeds one"):
