@@ -75,6 +75,11 @@ FINDINGS = [
      "rank.md", "no norm (He): rank at depth 64 - half of depth 2", "notebooks/05_depth_and_residuals.ipynb"),
     ("BN, depth 64: the same", "depth_init", "rank.md", "BN: rank at depth 64 - half of depth 2",
      "notebooks/05_depth_and_residuals.ipynb"),
+    ("Plain BN at depth 32 against depth 4, each at its best lr (fully connected, ReLU, 5 epochs)", "depth",
+     "differences.md", "deep_mlp_bn-depth=32 - deep_mlp_bn-depth=4", "notebooks/05_depth_and_residuals.ipynb"),
+    ("SkipInit (no norm) against BN in residual networks of depth 32, each at its best lr", "depth",
+     "differences.md", "deep_mlp_skipinit-depth=32 - deep_mlp_residual_bn-depth=32",
+     "notebooks/05_depth_and_residuals.ipynb"),
 ]
 
 
