@@ -357,6 +357,10 @@ def test_contrasts_take_each_arm_at_its_best_lr_and_compare_test_accuracy(tmp_pa
     found = contrasts.arms(comparison, results)
     assert (found["lenet_no_bn"].value, found["lenet_bn_scratch"].value) == (1.0, 1.0)
     assert not found["lenet_no_bn"].edge
+    # Before an extended grid's new values have run, the edge is that of the values that ran.
+    extended = {run: figures for run, figures in results.items()
+                if dict(run.grid)["model.optimizer.init_args.lr"] != 10.0}
+    assert contrasts.arms(comparison, extended)["lenet_bn_scratch"].edge
     assert found["lenet_bn_scratch"].compared == {s: pytest.approx(0.61 + 0.01 * s) for s in range(3)}
     text = contrasts.markdown(comparison, results)
     assert "| lenet_no_bn | 1.0 | 0.8010 ± 0.0010 | 0.5200 ± 0.0100 |" in text

@@ -24,7 +24,7 @@ TUNED = "test_acc"  # what arms taken at their best value of the tuned axis are 
 class Arm:
     name: str
     value: object  # the chosen value of the tuned axis (None without tune)
-    edge: bool  # the chosen value is the first or last of the axis: the best may lie beyond the grid
+    edge: bool  # the chosen value is the first or last of the axis's values that ran: the best may lie beyond
     primary: dict[int, float]  # per seed, at the chosen value
     compared: dict[int, float]  # per seed: what the contrasts compare
 
@@ -47,7 +47,8 @@ def arms(comparison: Comparison, results: dict[Run, dict]) -> dict[str, Arm]:
         value = max(by_value, key=score)
         seeds = by_value[value]
         figure = TUNED if comparison.tune else PRIMARY
-        found[name] = Arm(name, value, comparison.tune is not None and value in (axis[0], axis[-1]),
+        ran = [v for v in axis if v in by_value]  # the edge of what ran: a grid being extended has no results beyond
+        found[name] = Arm(name, value, comparison.tune is not None and value in (ran[0], ran[-1]),
                           {seed: run[PRIMARY] for seed, run in seeds.items()},
                           {seed: run[figure] for seed, run in seeds.items()})
     return found
