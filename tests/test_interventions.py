@@ -277,31 +277,30 @@ def test_the_weights_that_feed_a_bn_are_the_scale_invariant_ones():
     assert scale_invariant_weights(LeNet("scratch", norm_position="after")) == []  # the activation sits between
 
 
-def test_rest_options_give_every_other_parameter_its_own_learning_rate():
+def one_sgd_step(optimizer, rest_options):
+    """LeNet with BN after one step of ``optimizer`` with ``rest_options``: the module, its optimizer, the weights
+    before the step and the ids of the scale-invariant ones."""
     torch.manual_seed(0)
-    module = Classifier(LeNet("scratch"), optimizer=lambda p: torch.optim.SGD(p, lr=10.0), rest_options={"lr": 0.1})
-    optimizer = module.configure_optimizers()
-    assert [group["lr"] for group in optimizer.param_groups] == [10.0, 0.1]
+    module = Classifier(LeNet("scratch"), optimizer=optimizer, rest_options=rest_options)
+    step = module.configure_optimizers()
     x, y = images()
     before = {name: p.detach().clone() for name, p in module.net.named_parameters()}
     F.cross_entropy(module(x), y).backward()
-    optimizer.step()
-    invariant = {id(w) for w in scale_invariant_weights(module.net)}
+    step.step()
+    return module, step, before, {id(w) for w in scale_invariant_weights(module.net)}
+
+
+def test_rest_options_give_every_other_parameter_its_own_learning_rate():
+    module, optimizer, before, invariant = one_sgd_step(lambda p: torch.optim.SGD(p, lr=10.0), {"lr": 0.1})
+    assert [group["lr"] for group in optimizer.param_groups] == [10.0, 0.1]
     for name, p in module.net.named_parameters():
         lr = 10.0 if id(p) in invariant else 0.1
         torch.testing.assert_close(p.detach(), before[name] - lr * p.grad, rtol=0, atol=1e-6)
 
 
 def test_weight_decay_on_the_bn_fed_weights_alone_as_configs_compare_weight_decay_sets_it():
-    torch.manual_seed(0)
-    module = Classifier(LeNet("scratch"), optimizer=lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=5e-3),
-                        rest_options={"lr": 1.0, "weight_decay": 0.0})
-    optimizer = module.configure_optimizers()
-    x, y = images()
-    before = {name: p.detach().clone() for name, p in module.net.named_parameters()}
-    F.cross_entropy(module(x), y).backward()
-    optimizer.step()
-    invariant = {id(w) for w in scale_invariant_weights(module.net)}
+    module, _, before, invariant = one_sgd_step(lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=5e-3),
+                                                {"lr": 1.0, "weight_decay": 0.0})
     for name, p in module.net.named_parameters():
         if id(p) in invariant:  # SGD's decay: the gradient of (wd / 2) ||W||^2 added to the loss's
             expected = before[name] - 0.1 * (p.grad + 5e-3 * before[name])
