@@ -62,7 +62,9 @@ class ClassMixShuffle(EpochShuffle):
     classes meets and the classes run out at about the same time; the batches are then shuffled, and the
     short one (``size % batch_size`` images) comes last. Where a chosen class runs short, its batch takes
     the rest from the other chosen ones, then from the classes with the most left, so a few batches of an
-    epoch (where the classes run out) hold unequal parts or more classes; ``mixed(epoch)`` counts them. Drawn from ``(seed, epoch)`` alone, as ``EpochShuffle``'s order.
+    epoch (where the classes run out) hold unequal parts or more classes; ``mixed(epoch)`` counts them. Drawn
+    from ``(seed, epoch)`` alone, as ``EpochShuffle``'s order. One process: under DDP, Lightning's distributed
+    sampler deals each rank every n-th index of this order, and the class mix of a batch is lost.
     """
 
     def __init__(self, labels: torch.Tensor, batch_size: int, classes_per_batch: int, seed: int) -> None:
