@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["angle", "effective_rank", "gradient_profile", "mean_pairwise_cosine", "representation_profile", "same_label_cosine",
-           "std_over_mean"]
+__all__ = ["angle", "effective_rank", "gradient_profile", "mean_pairwise_cosine", "representation_profile",
+           "same_label_cosine", "std_over_mean"]
 
 
 def angle(a: Tensor, b: Tensor) -> float:

@@ -106,8 +106,9 @@ class ClassMixShuffle(EpochShuffle):
     def mixed(self, epoch: int) -> int:
         """How many whole batches of the epoch are not ``classes_per_batch`` classes in equal parts."""
         share = self.batch_size // self.classes_per_batch
-        return sum(len(b) == self.batch_size and sorted(torch.bincount(self.labels[b]).tolist())[-self.classes_per_batch:]
-                   != [share] * self.classes_per_batch for b in self.batches(epoch))
+        whole = (b for b in self.batches(epoch) if len(b) == self.batch_size)
+        largest = (sorted(torch.bincount(self.labels[b]).tolist())[-self.classes_per_batch:] for b in whole)
+        return sum(parts != [share] * self.classes_per_batch for parts in largest)
 
     def order(self, epoch: int) -> torch.Tensor:
         return torch.cat(self.batches(epoch))
