@@ -365,6 +365,13 @@ def test_contrasts_take_each_arm_at_its_best_lr_and_compare_test_accuracy(tmp_pa
     text = contrasts.markdown(comparison, results)
     assert "| lenet_no_bn | 1.0 | 0.8010 ± 0.0010 | 0.5200 ± 0.0100 |" in text
     assert "| lenet_bn_scratch - lenet_no_bn | +10.00 |" in text and "differs" in text
+    # An arm that diverged in some seed at every value trained at no value: no best value is named for it.
+    every = {run: {**figures, "diverged_at_step": 3 if run.config.stem == "lenet_no_bn" and run.seed == 0 else None}
+             for run, figures in results.items()}
+    assert not contrasts.arms(comparison, every)["lenet_no_bn"].trained and found["lenet_no_bn"].trained
+    text = contrasts.markdown(comparison, every)
+    assert "| lenet_no_bn | none: a seed diverged at every value | - | - |" in text
+    assert "| lenet_bn_scratch - lenet_no_bn | - |" in text  # not a difference from the seeds that trained
 
 
 def test_contrasts_must_name_arms_of_the_comparison(tmp_path):

@@ -27,6 +27,7 @@ class Arm:
     edge: bool  # the chosen value is the first or last of the axis's values that ran: the best may lie beyond
     primary: dict[int, float]  # per seed, at the chosen value
     compared: dict[int, float]  # per seed: what the contrasts compare
+    trained: bool = True  # some value trained every seed without diverging; if not, ``value`` is only the first tried
 
 
 def arms(comparison: Comparison, results: dict[Run, dict]) -> dict[str, Arm]:
@@ -50,7 +51,7 @@ def arms(comparison: Comparison, results: dict[Run, dict]) -> dict[str, Arm]:
         ran = [v for v in axis if v in by_value]  # the edge of what ran: a grid being extended has no results beyond
         found[name] = Arm(name, value, comparison.tune is not None and value in (ran[0], ran[-1]),
                           {seed: run[PRIMARY] for seed, run in seeds.items()},
-                          {seed: run[figure] for seed, run in seeds.items()})
+                          {seed: run[figure] for seed, run in seeds.items()}, score(value) > -math.inf)
     return found
 
 
@@ -59,7 +60,10 @@ def markdown(comparison: Comparison, results: dict[Run, dict]) -> str | None:
     if not comparison.contrasts:
         return None
     found = arms(comparison, results)
-    pairs = {f"{a} - {b}": (found[a].compared, found[b].compared) for a, b in comparison.contrasts
+    def compared(arm: Arm) -> dict[int, float]:
+        return arm.compared if arm.trained else {}  # an arm that trained at no value has nothing to compare
+
+    pairs = {f"{a} - {b}": (compared(found[a]), compared(found[b])) for a, b in comparison.contrasts
              if a in found and b in found}
     figure = "test accuracy at each arm's best " + comparison.tune.rsplit(".", 1)[-1] if comparison.tune else \
         "the primary metric (validation accuracy, mean of the last 3 epochs)"
@@ -71,8 +75,11 @@ def markdown(comparison: Comparison, results: dict[Run, dict]) -> str | None:
         axis = comparison.tune.rsplit(".", 1)[-1]
         lines += [f"| arm | best {axis} | val acc, last 3 epochs, at it | test acc at it |", "|---|---|---|---|"]
         for arm in found.values():
-            edge = " (edge of the grid)" if arm.edge else ""
-            lines.append(f"| {arm.name} | {arm.value}{edge} | {pm_text(*mean_std(list(arm.primary.values())), 4)} "
+            if not arm.trained:
+                lines.append(f"| {arm.name} | none: a seed diverged at every value | - | - |")
+                continue
+            lines.append(f"| {arm.name} | {arm.value}{' (edge of the grid)' if arm.edge else ''} "
+                         f"| {pm_text(*mean_std(list(arm.primary.values())), 4)} "
                          f"| {pm_text(*mean_std(list(arm.compared.values())), 4)} |")
         lines.append("")
     lines.append(differences_table(differences(pairs)).rstrip())
