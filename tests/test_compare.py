@@ -372,6 +372,8 @@ def test_contrasts_take_each_arm_at_its_best_lr_and_compare_test_accuracy(tmp_pa
     text = contrasts.markdown(comparison, every)
     assert "| lenet_no_bn | none: a seed diverged at every value | - | - |" in text
     assert "| lenet_bn_scratch - lenet_no_bn | - |" in text  # not a difference from the seeds that trained
+    assert "over the 0 comparison(s) of this file with numbers" in text and "over the 1 comparison(s)" in \
+        contrasts.markdown(comparison, results)
 
 
 def test_contrasts_must_name_arms_of_the_comparison(tmp_path):

@@ -60,15 +60,19 @@ def markdown(comparison: Comparison, results: dict[Run, dict]) -> str | None:
     if not comparison.contrasts:
         return None
     found = arms(comparison, results)
+
     def compared(arm: Arm) -> dict[int, float]:
         return arm.compared if arm.trained else {}  # an arm that trained at no value has nothing to compare
 
     pairs = {f"{a} - {b}": (compared(found[a]), compared(found[b])) for a, b in comparison.contrasts
              if a in found and b in found}
+    measured = differences(pairs)
+    tested = sum(not math.isnan(d.p_holm) for d in measured.values())  # Holm counts the differences it could test
     figure = "test accuracy at each arm's best " + comparison.tune.rsplit(".", 1)[-1] if comparison.tune else \
         "the primary metric (validation accuracy, mean of the last 3 epochs)"
     lines = [f"Differences in {figure}, in accuracy points; paired t by seed where both arms ran the same seeds, "
-             f"Welch's t otherwise; Holm-adjusted over the {len(pairs)} comparison(s) of this file. "
+             f"Welch's t otherwise; Holm-adjusted over the {tested} comparison(s) of this file with numbers on both "
+             "sides. "
              "`differs`: the adjusted 95% interval excludes 0; `equivalent`: the 90% interval lies within ±0.5 "
              "points; otherwise `unresolved`.", ""]
     if comparison.tune:
@@ -82,5 +86,5 @@ def markdown(comparison: Comparison, results: dict[Run, dict]) -> str | None:
                          f"| {pm_text(*mean_std(list(arm.primary.values())), 4)} "
                          f"| {pm_text(*mean_std(list(arm.compared.values())), 4)} |")
         lines.append("")
-    lines.append(differences_table(differences(pairs)).rstrip())
+    lines.append(differences_table(measured).rstrip())
     return "\n".join(lines) + "\n"
