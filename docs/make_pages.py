@@ -80,6 +80,10 @@ FINDINGS = [
     ("SkipInit (no norm) against BN in residual networks of depth 32, each at its best lr", "depth",
      "differences.md", "deep_mlp_skipinit-depth=32 - deep_mlp_residual_bn-depth=32",
      "notebooks/05_depth_and_residuals.ipynb"),
+    ("Plain BN against residual BN, convolutional, depth 16, each at its best lr", "depth_conv", "differences.md",
+     "deep_conv_bn - deep_conv_residual_bn", "notebooks/05_depth_and_residuals.ipynb"),
+    ("SkipInit against residual BN, the same network", "depth_conv", "differences.md",
+     "deep_conv_skipinit - deep_conv_residual_bn", "notebooks/05_depth_and_residuals.ipynb"),
 ]
 
 
