@@ -82,3 +82,29 @@ def test_precise_bn_evaluations_score_the_last_3_epochs_and_pair_the_same_runs_e
     assert found["running: cumulative - momentum 0.1"].mean == pytest.approx(-0.2)
     assert found["each val batch's own - precise"].mean == pytest.approx(-0.01)
     assert found["momentum 0.1: precise - running"].test.test == "paired t"
+
+
+def test_an_arm_that_trained_at_no_rate_of_its_grid_is_taken_at_its_best_below_it():
+    from pathlib import Path
+
+    from bn_lightning.compare.spec import Comparison
+
+    repo = Path(__file__).resolve().parents[1]
+    conv, probe = (Comparison.load(repo / "configs" / "compare" / f"{name}.yaml", {})
+                   for name in ("depth_conv", "depth_conv_residual_small_lr"))
+    folder, probe_folder = repo / "results" / "depth_conv", repo / "results" / "depth_conv_residual_small_lr"
+    grid = results.best_arms(folder, conv)
+    chosen, found = results.trainability_differences(folder, conv, probe_folder, probe)
+    assert not grid["deep_conv_residual"].trained and chosen["deep_conv_residual"].trained
+    # Below the grid: the best of the rates by the mean primary metric, among those no seed diverged at.
+    primary, test = results.per_seed(probe_folder, "val_acc_last3"), results.per_seed(probe_folder, "test_acc")
+    rates = [g for g in primary if g.startswith("deep_conv_residual-") and not any(map(math.isnan, primary[g].values()))]
+    best = max(rates, key=lambda g: statistics.fmean(primary[g].values()))
+    assert f"deep_conv_residual-lr={chosen['deep_conv_residual'].value}" == best
+    assert chosen["deep_conv_residual"].compared == test[best]
+    assert chosen["deep_conv_bn"] == grid["deep_conv_bn"]  # an arm that trained on the grid stays as chosen there
+    assert list(found) == [f"{a} - {b}" for a, b in conv.contrasts]
+    assert not any(math.isnan(d.mean) for d in found.values())
+    # With the chance line above every run, no rate below the grid trains it: it has nothing to compare.
+    chosen, found = results.trainability_differences(folder, conv, probe_folder, probe, chance=1.0)
+    assert not chosen["deep_conv_residual"].trained and math.isnan(found["deep_conv_residual_bn - deep_conv_residual"].mean)

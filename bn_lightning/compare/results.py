@@ -20,7 +20,7 @@ from bn_lightning.compare.spec import Comparison
 from bn_lightning.compare.stats import Difference, Series, differences, differences_table, mean_curve, mean_std, pm
 
 __all__ = ["Series", "best_arms", "differences", "differences_table", "figure_of", "have", "mean_curve", "mean_std", "per_seed", "plot_band",
-           "evaluations", "pm", "precise_bn_differences", "runs", "series"]
+           "below_the_grid", "evaluations", "pm", "precise_bn_differences", "runs", "series", "trainability_differences"]
 
 
 def have(folder: Path) -> bool:
@@ -77,6 +77,40 @@ def best_arms(folder: Path, comparison: Comparison) -> dict[str, Arm]:
             results[run] = {PRIMARY: number(row[PRIMARY]), TUNED: number(row[TUNED]),
                             "diverged_at_step": None if diverged in ("", "None") else int(float(diverged))}
     return arms(comparison, results)
+
+
+def below_the_grid(probe: Path, comparison: Comparison, arm: str, chance: float = 0.2) -> Arm | None:
+    """``arm`` at its best value of ``probe``, a comparison (``comparison``) run below the grid of the arm's own,
+    or None unless some value there trained it: every seed without diverging, primary metric above ``chance``
+    (docs/predictions.md's chance line)."""
+    probe = Path(probe)
+    if not (probe / "runs.csv").exists():
+        return None
+    rows = {(row["group"], int(row["seed"])): row for row in runs(probe)}
+    trained: dict[object, list[bool]] = defaultdict(list)
+    for run in comparison.runs():
+        if run.arm(comparison.tune) == arm and (row := rows.get((run.group, run.seed))) is not None:
+            trained[dict(run.grid).get(comparison.tune)].append(
+                row["diverged_at_step"] in ("", "None") and float(row[PRIMARY]) > chance)
+    if not any(all(seeds) for seeds in trained.values()):
+        return None
+    return best_arms(probe, comparison)[arm]
+
+
+def trainability_differences(folder: Path, comparison: Comparison, probe: Path, probe_comparison: Comparison,
+                             chance: float = 0.2) -> tuple[dict[str, Arm], dict[str, Difference]]:
+    """Each arm at its best value, and the comparison's contrasts between them: as ``differences.md``, except
+    that an arm that trained at no value of the grid is taken at its best :func:`below_the_grid` (``probe``) when
+    it trained there. An arm that trained nowhere has nothing to compare."""
+    chosen = best_arms(folder, comparison)
+    for name, arm in chosen.items():
+        if not arm.trained and (below := below_the_grid(probe, probe_comparison, name, chance)) is not None:
+            chosen[name] = below
+
+    def compared(name: str) -> dict[int, float]:
+        return chosen[name].compared if chosen[name].trained else {}
+
+    return chosen, differences({f"{a} - {b}": (compared(a), compared(b)) for a, b in comparison.contrasts})
 
 
 def evaluations(folder: Path, group: str) -> dict[str, dict[int, float]]:
