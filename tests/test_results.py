@@ -98,13 +98,25 @@ def test_an_arm_that_trained_at_no_rate_of_its_grid_is_taken_at_its_best_below_i
     assert not grid["deep_conv_residual"].trained and chosen["deep_conv_residual"].trained
     # Below the grid: the best of the rates by the mean primary metric, among those no seed diverged at.
     primary, test = results.per_seed(probe_folder, "val_acc_last3"), results.per_seed(probe_folder, "test_acc")
-    rates = [g for g in primary if g.startswith("deep_conv_residual-") and not any(map(math.isnan, primary[g].values()))]
+    rates = [g for g in primary
+             if g.startswith("deep_conv_residual-") and not any(map(math.isnan, primary[g].values()))]
     best = max(rates, key=lambda g: statistics.fmean(primary[g].values()))
     assert f"deep_conv_residual-lr={chosen['deep_conv_residual'].value}" == best
     assert chosen["deep_conv_residual"].compared == test[best]
     assert chosen["deep_conv_bn"] == grid["deep_conv_bn"]  # an arm that trained on the grid stays as chosen there
     assert list(found) == [f"{a} - {b}" for a, b in conv.contrasts]
     assert not any(math.isnan(d.mean) for d in found.values())
+    # A family of one is not adjusted: its interval is the unadjusted paired t interval, narrower than in the four.
+    pair = [("deep_conv_bn", "deep_conv_residual_bn")]
+    alone = results.trainability_differences(folder, conv, probe_folder, probe, pair)[1]
+    one, of_four = alone["deep_conv_bn - deep_conv_residual_bn"], found["deep_conv_bn - deep_conv_residual_bn"]
+    assert list(alone) == [one.name] and one.mean == of_four.mean and of_four.low < one.low < one.mean
+    from scipy import stats
+
+    d = [chosen["deep_conv_bn"].compared[s] - chosen["deep_conv_residual_bn"].compared[s] for s in range(3)]
+    half = stats.t.ppf(0.975, 2) * statistics.stdev(d) / math.sqrt(3)
+    assert (one.low, one.high) == pytest.approx((statistics.fmean(d) - half, statistics.fmean(d) + half))
     # With the chance line above every run, no rate below the grid trains it: it has nothing to compare.
     chosen, found = results.trainability_differences(folder, conv, probe_folder, probe, chance=1.0)
-    assert not chosen["deep_conv_residual"].trained and math.isnan(found["deep_conv_residual_bn - deep_conv_residual"].mean)
+    assert not chosen["deep_conv_residual"].trained
+    assert math.isnan(found["deep_conv_residual_bn - deep_conv_residual"].mean)

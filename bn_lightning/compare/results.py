@@ -98,10 +98,12 @@ def below_the_grid(probe: Path, comparison: Comparison, arm: str, chance: float 
 
 
 def trainability_differences(folder: Path, comparison: Comparison, probe: Path, probe_comparison: Comparison,
+                             family: list[tuple[str, str]] | None = None,
                              chance: float = 0.2) -> tuple[dict[str, Arm], dict[str, Difference]]:
-    """Each arm at its best value, and the comparison's contrasts between them: as ``differences.md``, except
-    that an arm that trained at no value of the grid is taken at its best :func:`below_the_grid` (``probe``) when
-    it trained there. An arm that trained nowhere has nothing to compare."""
+    """Each arm at its best value, and ``family`` (pairs of arms, Holm-adjusted together; by default the
+    comparison's contrasts) between them: as ``differences.md``, except that an arm that trained at no value of
+    the grid is taken at its best :func:`below_the_grid` (``probe``) when it trained there. An arm that trained
+    nowhere has nothing to compare."""
     chosen = best_arms(folder, comparison)
     for name, arm in chosen.items():
         if not arm.trained and (below := below_the_grid(probe, probe_comparison, name, chance)) is not None:
@@ -110,7 +112,8 @@ def trainability_differences(folder: Path, comparison: Comparison, probe: Path, 
     def compared(name: str) -> dict[int, float]:
         return chosen[name].compared if chosen[name].trained else {}
 
-    return chosen, differences({f"{a} - {b}": (compared(a), compared(b)) for a, b in comparison.contrasts})
+    pairs = comparison.contrasts if family is None else family
+    return chosen, differences({f"{a} - {b}": (compared(a), compared(b)) for a, b in pairs})
 
 
 def evaluations(folder: Path, group: str) -> dict[str, dict[int, float]]:
