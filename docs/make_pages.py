@@ -105,6 +105,9 @@ FINDINGS = [
      trainability("depth_conv", "depth_conv_residual_small_lr", ("deep_conv_bn", "deep_conv_residual_bn")),
      "deep_conv_bn - deep_conv_residual_bn",
      "notebooks/05_depth_and_residuals.ipynb"),
+    ("Weight decay behind BN at the same lr x wd: (lr 1, wd 5e-4) against (lr 0.1, wd 5e-3), 10 epochs", "weight_decay",
+     "differences.md", "lenet_bn_scratch-lr=1.0-weight_decay=0.0005 - lenet_bn_scratch-lr=0.1-weight_decay=0.005",
+     "notebooks/06_weight_decay_and_noniid_batches.ipynb"),
 ]
 
 
