@@ -29,6 +29,11 @@ class Arm:
     compared: dict[int, float]  # per seed: what the contrasts compare
     trained: bool = True  # some value trained every seed without diverging; if not, ``value`` is only the first tried
 
+    @property
+    def comparable(self) -> dict[int, float]:
+        """What the contrasts compare: nothing for an arm that trained at no value."""
+        return self.compared if self.trained else {}
+
 
 def arms(comparison: Comparison, results: dict[Run, dict]) -> dict[str, Arm]:
     """Every arm of the comparison that has finished runs, at its chosen value of the tuned axis."""
@@ -60,11 +65,7 @@ def markdown(comparison: Comparison, results: dict[Run, dict]) -> str | None:
     if not comparison.contrasts:
         return None
     found = arms(comparison, results)
-
-    def compared(arm: Arm) -> dict[int, float]:
-        return arm.compared if arm.trained else {}  # an arm that trained at no value has nothing to compare
-
-    pairs = {f"{a} - {b}": (compared(found[a]), compared(found[b])) for a, b in comparison.contrasts
+    pairs = {f"{a} - {b}": (found[a].comparable, found[b].comparable) for a, b in comparison.contrasts
              if a in found and b in found}
     measured = differences(pairs)
     tested = sum(not math.isnan(d.p_holm) for d in measured.values())  # Holm counts the differences it could test

@@ -108,12 +108,8 @@ def trainability_differences(folder: Path, comparison: Comparison, probe: Path, 
     for name, arm in chosen.items():
         if not arm.trained and (below := below_the_grid(probe, probe_comparison, name, chance)) is not None:
             chosen[name] = below
-
-    def compared(name: str) -> dict[int, float]:
-        return chosen[name].compared if chosen[name].trained else {}
-
     pairs = comparison.contrasts if family is None else family
-    return chosen, differences({f"{a} - {b}": (compared(a), compared(b)) for a, b in pairs})
+    return chosen, differences({f"{a} - {b}": (chosen[a].comparable, chosen[b].comparable) for a, b in pairs})
 
 
 def evaluations(folder: Path, group: str) -> dict[str, dict[int, float]]:
