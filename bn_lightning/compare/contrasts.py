@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from bn_lightning.compare.collect import PRIMARY
 from bn_lightning.compare.spec import Comparison, Run
-from bn_lightning.compare.stats import differences, differences_table, mean_std, pm_text
+from bn_lightning.compare.stats import Difference, differences, differences_table, mean_std, pm_text
 
 TUNED = "test_acc"  # what arms taken at their best value of the tuned axis are compared on
 
@@ -60,14 +60,17 @@ def arms(comparison: Comparison, results: dict[Run, dict]) -> dict[str, Arm]:
     return found
 
 
+def arm_differences(chosen: dict[str, Arm], pairs: list[tuple[str, str]]) -> dict[str, Difference]:
+    """``pairs`` of arms (names of ``chosen``), each at its chosen value, as one family (Holm within it)."""
+    return differences({f"{a} - {b}": (chosen[a].comparable, chosen[b].comparable) for a, b in pairs})
+
+
 def markdown(comparison: Comparison, results: dict[Run, dict]) -> str | None:
     """``differences.md``: the chosen values (with ``tune``) and the contrasts' table; None without contrasts."""
     if not comparison.contrasts:
         return None
     found = arms(comparison, results)
-    pairs = {f"{a} - {b}": (found[a].comparable, found[b].comparable) for a, b in comparison.contrasts
-             if a in found and b in found}
-    measured = differences(pairs)
+    measured = arm_differences(found, [(a, b) for a, b in comparison.contrasts if a in found and b in found])
     tested = sum(not math.isnan(d.p_holm) for d in measured.values())  # Holm counts the differences it could test
     figure = "test accuracy at each arm's best " + comparison.tune.rsplit(".", 1)[-1] if comparison.tune else \
         "the primary metric (validation accuracy, mean of the last 3 epochs)"

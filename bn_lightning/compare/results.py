@@ -14,12 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from bn_lightning.compare.collect import LAST_EPOCHS, PRIMARY
-from bn_lightning.compare.contrasts import TUNED, Arm, arms
+from bn_lightning.compare.contrasts import TUNED, Arm, arm_differences, arms
 from bn_lightning.compare.report import plot_band
 from bn_lightning.compare.spec import Comparison
 from bn_lightning.compare.stats import Difference, Series, differences, differences_table, mean_curve, mean_std, pm
 
-__all__ = ["Series", "best_arms", "differences", "differences_table", "figure_of", "have", "mean_curve", "mean_std", "per_seed", "plot_band",
+__all__ = ["Series", "arm_differences", "best_arms", "differences", "differences_table", "figure_of", "have", "mean_curve", "mean_std", "per_seed", "plot_band",
            "below_the_grid", "evaluations", "pm", "precise_bn_differences", "runs", "series", "trainability_differences"]
 
 
@@ -109,7 +109,7 @@ def trainability_differences(folder: Path, comparison: Comparison, probe: Path, 
         if not arm.trained and (below := below_the_grid(probe, probe_comparison, name, chance)) is not None:
             chosen[name] = below
     pairs = comparison.contrasts if family is None else family
-    return chosen, differences({f"{a} - {b}": (chosen[a].comparable, chosen[b].comparable) for a, b in pairs})
+    return chosen, arm_differences(chosen, pairs)
 
 
 def evaluations(folder: Path, group: str) -> dict[str, dict[int, float]]:
