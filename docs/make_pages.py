@@ -16,7 +16,8 @@ from pathlib import Path
 
 from bn_lightning.compare.collect import PRIMARY
 from bn_lightning.compare.spec import Comparison
-from bn_lightning.compare.results import precise_bn_differences, series, trainability_differences
+from bn_lightning.compare.results import (arm_differences, best_arms, precise_bn_differences, series,
+                                         trainability_differences)
 from bn_lightning.compare.stats import differences, differences_table, pm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,18 @@ def trainability(name: str, probe: str, *family: tuple[str, str]):
     return found
 
 
+def criterion(name: str, *family: tuple[str, str]):
+    """A criterion's family of results/<name> as its notebook judges it (docs/predictions.md: each criterion's
+    comparisons a family of their own), each arm at its best value of the grid."""
+    def found(folder: Path) -> dict:
+        comparison = Comparison.load(REPO / "configs" / "compare" / f"{name}.yaml", {})
+        return arm_differences(best_arms(folder, comparison), list(family))
+    return found
+
+
+# Ioffe's family of comparisons on batches of two classes.
+IOFFE = [("lenet_bn_scratch-classes_per_batch=2", "lenet_bn_scratch-classes_per_batch=None"),
+         ("lenet_batch_renorm-classes_per_batch=2", "lenet_bn_scratch-classes_per_batch=2")]
 # De & Smith's family of comparisons at depth 32 (fully connected).
 SMITH = [(f"deep_mlp_{a}-depth=32", f"deep_mlp_{b}-depth=32")
          for a, b in (("skipinit", "residual_bn"), ("skipinit", "residual"), ("residual_bn", "residual"))]
@@ -109,6 +122,15 @@ FINDINGS = [
      "notebooks/05_depth_and_residuals.ipynb"),
     ("Weight decay behind BN at the same lr x wd: (lr 1, wd 5e-4) against (lr 0.1, wd 5e-3), 10 epochs", "weight_decay",
      "differences.md", "lenet_bn_scratch-lr=1.0-weight_decay=0.0005 - lenet_bn_scratch-lr=0.1-weight_decay=0.005",
+     "notebooks/06_weight_decay_and_noniid_batches.ipynb"),
+    ("BN trained on batches of 2 classes against shuffled ones, each at its best lr (LeNet, 5 epochs)", "noniid",
+     criterion("noniid", *IOFFE), "lenet_bn_scratch-classes_per_batch=2 - lenet_bn_scratch-classes_per_batch=None",
+     "notebooks/06_weight_decay_and_noniid_batches.ipynb"),
+    ("Batch Renorm against BN, both trained on batches of 2 classes", "noniid", criterion("noniid", *IOFFE),
+     "lenet_batch_renorm-classes_per_batch=2 - lenet_bn_scratch-classes_per_batch=2",
+     "notebooks/06_weight_decay_and_noniid_batches.ipynb"),
+    ("No norm trained on batches of 2 classes against shuffled ones: what such batches do to SGD alone", "noniid",
+     "differences.md", "lenet_no_bn-classes_per_batch=2 - lenet_no_bn-classes_per_batch=None",
      "notebooks/06_weight_decay_and_noniid_batches.ipynb"),
 ]
 
